@@ -1,0 +1,50 @@
+# Fused log-probabilities of target tokens: log_softmax(hidden @ weight.T)[i, targets[i]] without the
+# (N, V) logits. Two implementations with one signature: Triton (logprobs.py) and its PyTorch twin
+# (logprobs_torch.py). Which one runs is decided once, here, by what the machine has.
+import os
+
+import torch
+
+from . import logprobs_torch
+
+try:
+    from . import logprobs as logprobs_triton
+except ImportError:  # no triton installed: CPU-only machines still get the twin
+    logprobs_triton = None
+
+# Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1, read at import).
+TRITON_CUDA = logprobs_triton is not None and torch.cuda.is_available()
+TRITON_INTERPRET = logprobs_triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, impl, kw):
+        logp, lse = impl.forward(hidden, weight, targets, ignore_index, **kw)
+        ctx.save_for_backward(hidden, weight, targets, lse)  # lse (N,): all the backward needs to recompute
+        ctx.impl, ctx.ignore_index, ctx.kw = impl, ignore_index, kw
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dh, dw = ctx.impl.backward(hidden, weight, targets, lse, grad.contiguous(), ctx.ignore_index,
+                                   ctx.needs_input_grad[1], **ctx.kw)
+        return dh, dw, None, None, None, None
+
+
+def fused_logprobs(hidden, weight, targets, *, ignore_index=-100, impl=None, **kw):
+    # hidden (N, D) any float dtype, weight (V, D), targets (N,) int -> (N,) fp32 log-probs, 0 where ignored.
+    # kw: tile sizes for the chosen impl (block_n/block_v/block_d/splits/group or token_chunk/vocab_chunk).
+    if impl is None:
+        impl = "triton" if TRITON_INTERPRET or (TRITON_CUDA and hidden.is_cuda) else "torch"
+    mod = {"triton": logprobs_triton, "torch": logprobs_torch}[impl]
+    assert mod is not None, "impl='triton' needs triton installed"
+    assert hidden.shape[1] == weight.shape[1] and targets.shape == hidden.shape[:1]
+    return _FusedLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
+                                ignore_index, mod, kw)
+
+
+def sequence_logprobs(token_logp, mask):
+    # (B, T) per-token log-probs, (B, T) response mask -> (B,) fp32 log p(response | prompt): SPIN's log p(y|x)
+    return (token_logp.float() * mask.float()).sum(-1)
