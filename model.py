@@ -258,7 +258,8 @@ class Transformer(nn.Module):
         if hidden:
             return h
         if targets is not None:
-            return fused_logprobs(h.flatten(0, 1), self.lm_weight, targets.flatten()).view(B, T)
+            # clone: FSDP2 warns when a module returns a view (in-place ops on it would skip hooks)
+            return fused_logprobs(h.flatten(0, 1), self.lm_weight, targets.flatten()).view(B, T).clone()
         return F.linear(h, self.lm_weight)
 
     def attention_mask(self, pos, mask, cache):

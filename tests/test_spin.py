@@ -1,0 +1,172 @@
+# spin.py: the loss on hand-computed numbers, and the whole loop end to end on a tiny checkpoint:
+# 1 process vs torchrun 2 processes, kill-and-resume, NaN safety.
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import build_checkpoint
+from spin import parse_config, spin_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_spin_loss_hand_computed():
+    t = torch.tensor
+    # log p(y) = -10, log p(y') = -12, reference both -11, beta 0.5: margin = 0.5 * (1 - (-1)) = 1
+    loss, rr, gr = spin_loss(t([-10.0]), t([-12.0]), t([-11.0]), t([-11.0]), 0.5, "sigmoid")
+    assert rr.item() == 0.5 and gr.item() == -0.5
+    assert abs(loss.item() - math.log(1 + math.exp(-1.0))) < 1e-6          # -log sigmoid(1) = 0.3133
+    loss, _, _ = spin_loss(t([-10.0]), t([-12.0]), t([-11.0]), t([-11.0]), 0.5, "hinge")
+    assert loss.item() == 0.0                                                # max(0, 1 - 1)
+    loss, _, _ = spin_loss(t([-12.0]), t([-10.0]), t([-11.0]), t([-11.4]), 0.5, "hinge")
+    assert abs(loss.item() - 2.2) < 1e-6                                     # margin -1.2 -> 2.2
+
+
+def test_spin_loss_is_dpo_with_real_as_chosen():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(16, generator=g) * 5 for _ in range(4))
+    beta = 0.1
+    # DPO (Rafailov et al.): -log sigmoid(beta * (log pi/ref(chosen) - log pi/ref(rejected))), as a BCE
+    dpo = F.binary_cross_entropy_with_logits(beta * ((pc - rc) - (pr - rr)), torch.ones(16), reduction="none")
+    loss, _, _ = spin_loss(pc, pr, rc, rr, beta, "sigmoid")
+    assert torch.allclose(loss, dpo, atol=1e-6)
+
+
+def test_config_overrides_and_lists():
+    cfg = parse_config(["--model=m", "--data", "d", "--lr=5e-7,1e-7", "--beta=0.1", "--keep_previous=false",
+                        "--iterations", "4"])
+    assert cfg.lr == (5e-7, 1e-7) and cfg.beta == (0.1,) and cfg.keep_previous is False and cfg.iterations == 4
+    with pytest.raises(SystemExit, match="unknown argument"):
+        parse_config(["--model=m", "--data=d", "--nope=1"])
+    with pytest.raises(SystemExit, match="cannot read"):
+        parse_config(["--model=m", "--data=d", "--epochs=two"])
+
+
+# ----- the loop, end to end -----
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spin")
+    build_checkpoint(root / "ckpt", "llama")
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                                             {"role": "assistant", "content": f"It is {2 * i}. Thanks!"}]}) + "\n")
+    return root
+
+
+def args(root, out, *extra):
+    return ["--model", str(root / "ckpt"), "--data", str(root / "data.jsonl"), "--out", str(root / out),
+            "--iterations=2", "--epochs=1", "--batch_size=4", "--max_new_tokens=8", "--lr=1e-4",
+            "--gen_batch_size=3", "--score_batch_size=3", "--seed=7", *extra]
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def weights(out, t):
+    return load_file(os.path.join(out, f"iter{t}", "model", "model.safetensors"))
+
+
+def rows(file):
+    with open(file) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    r = run([sys.executable, "spin.py", *args(setup, "one", "--num_eval=2", "--grad_accum=2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return setup / "one"
+
+
+def test_loop_outputs_and_learning(setup, one_process):
+    out = one_process
+    for t in (0, 1):
+        gen = rows(out / f"iter{t}" / "generated.jsonl")
+        assert len(gen) == 8  # 10 pairs, 2 held out
+        assert all(g["real"][:-1] == g["generated"][:-1] and g["generated"][-1]["role"] == "assistant"
+                   for g in gen)
+    steps = [r for r in rows(out / "metrics.jsonl") if "step" in r]
+    # At the first step the policy IS the reference: margins exactly 0, loss log 2 (a check on scoring).
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-4 and abs(steps[0]["rewards/margins"]) < 1e-4
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert [r["iter"] for r in steps] == [0, 0, 1, 1, 1, 1]  # iteration 1 also trains on iteration 0's pairs
+    ev = rows(out / "eval.jsonl")
+    assert [r["point"] for r in ev] == [0, 1, 2] and ev[0]["acc"] is None and ev[2]["acc"] is not None
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "model")  # a normal checkpoint
+    assert hf.config.vocab_size == 307
+    assert os.path.isfile(out / "iter1" / "model" / "tokenizer.json")
+
+
+def test_two_processes_match_one(setup, one_process):
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+             "spin.py", *args(setup, "two", "--num_eval=2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for t in (0, 1):
+        assert rows(setup / "two" / f"iter{t}" / "generated.jsonl") == \
+            rows(one_process / f"iter{t}" / "generated.jsonl")
+        a, b = weights(one_process, t), weights(setup / "two", t)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < 1e-5, f"iteration {t}: max weight difference {worst:.2e}"
+    changed = max((weights(one_process, 1)[k] - load_file(setup / "ckpt" / "model.safetensors")[k])
+                  .abs().max().item() for k in a)
+    assert changed > 1e-5  # training did move the weights, so the comparison above means something
+    first = weights(one_process, 0)
+    start = load_file(setup / "ckpt" / "model.safetensors")
+    for k in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):  # the FSDP root's own
+        assert (first[k] - start[k]).abs().max() > 1e-6, f"{k} was not trained"
+
+
+def test_kill_and_resume_gives_the_same_result(setup, one_process):
+    out = setup / "resumed"
+    cmd = [sys.executable, "spin.py", *args(setup, "resumed", "--num_eval=2", "--grad_accum=2")]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(out / "iter1" / "generated.jsonl") and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # mid-iteration 1: generated, not yet trained or saved
+    p.wait()
+    assert not os.path.exists(out / "iter1" / "model")
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting at iteration 1" in r.stdout
+    for t in (0, 1):
+        a, b = weights(one_process, t), weights(out, t)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    ours, ref = ([r for r in rows(o / "metrics.jsonl") if "step" in r] for o in (out, one_process))
+    assert [(r["iter"], r["step"]) for r in ours] == [(r["iter"], r["step"]) for r in ref]  # no duplicates
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(ours, ref))
+    assert [r["point"] for r in rows(out / "eval.jsonl")] == [0, 1, 2]
+    r = run(cmd)  # a third run finds everything done
+    assert r.returncode == 0 and "complete" in r.stdout
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup):
+    r = run([sys.executable, "spin.py", *args(setup, "nan", "--lr=1e-4,1e30")])
+    assert r.returncode != 0
+    assert "non-finite loss at iteration 1" in r.stderr and "Traceback" not in r.stderr
+    assert os.path.isfile(setup / "nan" / "iter0" / "model" / "model.safetensors")
+    assert not os.path.exists(setup / "nan" / "iter1" / "model")
+
+
+def test_bad_data_is_one_line_error(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    r = run([sys.executable, "spin.py", "--model", str(setup / "ckpt"), "--data", str(bad), "--out",
+             str(tmp_path / "o")])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{bad}:2: no assistant answer" in r.stderr
