@@ -165,8 +165,8 @@ def read_json_records(file, stats):
             if line.strip():
                 try:
                     yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}:{n}: malformed JSON ({e.msg})") from None
+                except json.JSONDecodeError as e:  # handed on, so that skip_bad can count it
+                    yield n, ValueError(f"malformed JSON ({e.msg})")
 
 
 def to_pair(rec, first_turn=False):
@@ -209,6 +209,8 @@ def read_pairs(file, first_turn=False, skip_bad=False, keep=None):
     for line, rec in read_json_records(file, stats):
         stats["records"] += 1
         try:
+            if isinstance(rec, ValueError):
+                raise rec
             prompt, answer = to_pair(rec, first_turn)
         except (ValueError, TypeError, AttributeError) as e:
             if not skip_bad:

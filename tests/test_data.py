@@ -1,0 +1,113 @@
+# data.py part 2: every input format, bad input as one-line file:line errors, tokenisation policy.
+import json
+
+import pytest
+import torch
+
+from conftest import build_tokenizer
+from data import Tokenizer, collate, encode_answer, read_pairs, to_pair, truncate
+
+USER, ANSWER = "What is 2 + 2?", "It is 4."
+WANT = ([{"role": "user", "content": USER}], ANSWER)
+
+
+@pytest.mark.parametrize("record", [
+    {"messages": [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}]},
+    {"conversations": [{"from": "human", "value": USER}, {"from": "gpt", "value": ANSWER}]},
+    {"instruction": USER, "output": ANSWER},
+    {"real": [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}],
+     "generated": [{"role": "user", "content": USER}, {"role": "assistant", "content": "5"}]},
+])
+def test_each_format(record):
+    assert to_pair(record) == WANT
+
+
+def test_alpaca_input_and_multi_turn():
+    assert to_pair({"instruction": "Sum:", "input": "2, 2", "output": "4"})[0][0]["content"] == "Sum:\n\n2, 2"
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"}]
+    prompt, answer = to_pair({"messages": msgs})
+    assert prompt == msgs[:4] and answer == "d"  # multi-turn: every turn before the last answer
+    prompt, answer = to_pair({"messages": msgs}, first_turn=True)
+    assert prompt == msgs[:2] and answer == "b"  # the paper's setting
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_jsonl_and_json_array(tmp_path):
+    rec = {"messages": [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}]}
+    f1 = write(tmp_path / "a.jsonl", [json.dumps(rec)] * 3)
+    f2 = tmp_path / "a.json"
+    f2.write_text(json.dumps([rec] * 3, indent=2))
+    assert read_pairs(f1)[0] == read_pairs(str(f2))[0] == [WANT] * 3
+
+
+def test_cut_off_json_array_keeps_complete_records(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": USER}, {"from": "gpt", "value": ANSWER}]}
+    text = json.dumps([rec] * 5, indent=2)
+    f = tmp_path / "cut.json"
+    f.write_text(text[: len(text) - 40])  # the end of the last record is lost, as in the ShareGPT wheel
+    pairs, stats = read_pairs(str(f))
+    assert pairs == [WANT] * 4 and stats["cut_off"] == 1 and stats["records"] == 4
+
+
+@pytest.mark.parametrize("line,why", [
+    ('{"messages": [{"role": "user", "content": "hi"}', "malformed JSON"),
+    ('{"prompt": "hi"}', "no known fields"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "empty answer"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant answer"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "no user turn"),
+    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}', "content: string"),
+    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}', "role"),
+    ('[1, 2]', "not a JSON object"),
+])
+def test_bad_record_names_file_and_line(tmp_path, line, why):
+    good = json.dumps({"instruction": "a", "output": "b"})
+    f = write(tmp_path / "d.jsonl", [good, "", good, line, good])
+    with pytest.raises(ValueError) as e:
+        read_pairs(f)
+    assert str(e.value).startswith(f"{f}:4: ") and why in str(e.value) and "\n" not in str(e.value)
+    pairs, stats = read_pairs(f, skip_bad=True)
+    assert len(pairs) == 3 and stats["skipped"] == 1
+
+
+def test_bad_element_in_json_array_names_line(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": "a"}\n]\n')
+    with pytest.raises(ValueError, match=r"d.json:3: no known fields"):
+        read_pairs(str(f))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: not found"):
+        read_pairs(str(tmp_path / "nope.jsonl"))
+
+
+def test_encode_answer_uses_template_and_stops_at_eos(tmp_path):
+    build_tokenizer(tmp_path)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    prompt = [{"role": "user", "content": USER}]
+    p, r = encode_answer(tok, prompt, ANSWER)
+    assert p == tok.apply_chat_template(prompt, add_generation_prompt=True)
+    # The answer is exactly what the sampler would emit: its text, then the stop token, nothing after.
+    assert r[-1] in tok.eos_ids and tok.decode(r) == ANSWER
+    assert p + r == tok.apply_chat_template(prompt + [{"role": "assistant", "content": ANSWER}])[:len(p + r)]
+
+
+def test_truncation_policy():
+    p, r = list(range(10)), list(range(100, 120))
+    p2, r2, cut_p, cut_r = truncate(p, r, max_length=16, max_prompt_length=6)
+    assert p2 == p[-6:] and r2 == r[:10] and cut_p and cut_r  # the prompt keeps its end
+    assert truncate(p, r, 100, 50) == (p, r, False, False)
+
+
+def test_collate_masks_prompt_and_padding():
+    tokens, targets = collate([([1, 2], [3, 4]), ([5], [6])], pad_id=0)
+    assert tokens.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    # targets[i, j] is the token predicted at position j: only answer tokens count.
+    assert targets.tolist() == [[-100, 3, 4, -100], [6, -100, -100, -100]]
+    assert targets.dtype == torch.long
