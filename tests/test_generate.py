@@ -1,0 +1,219 @@
+# generate.py against the uncached forward, transformers' generate() and hand-made logits.
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from generate import filter_logits, generate, prompt_keys, sample, uniforms
+from model import Transformer
+
+LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
+
+
+def prompts(lengths=LENGTHS, seed=0, V=307):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread; on a shared CPU, OpenMP threads waiting on each other
+    # make every small op cost a millisecond.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt, n):
+    # Step-by-step argmax of the uncached forward over the whole sequence so far.
+    x, new = list(prompt), []
+    for _ in range(n):
+        new.append(model(torch.tensor([x]))[0, -1].argmax().item())
+        x.append(new[-1])
+    return new
+
+
+def cut(tokens, stop):  # up to and including the first stop id
+    return tokens[:tokens.index(stop) + 1] if stop in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    return {k: Transformer.from_pretrained(path) for k, (path, _) in checkpoints.items()}
+
+
+@pytest.mark.parametrize("kind,batch_size,prefill_tokens", [("mistral", None, 8192),
+                                                            ("llama3_tied", 3, 1), ("qwen2", None, 40)])
+def test_greedy_matches_uncached_argmax(models, kind, batch_size, prefill_tokens):
+    # Mistral's window (8) is shorter than most prompts; prefill_tokens=1 prefills row by row, 40 in groups.
+    model, ps = models[kind], prompts()
+    free = [greedy_reference(model, p, 12) for p in ps]
+    stop = free[0][4]  # a token that does occur, so some rows stop early and others run on
+    ref = [cut(f, stop) for f in free]
+    assert any(len(r) < 12 for r in ref) and any(len(r) == 12 for r in ref)
+    out = generate(model, ps, 12, temperature=0, stop_ids=[stop], batch_size=batch_size,
+                   prefill_tokens=prefill_tokens, check_every=3)
+    assert out == ref
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_matches_transformers(checkpoints, models, kind):
+    path, hf = checkpoints[kind]
+    ps = prompts([3, 11, 25], seed=1)
+    ours = generate(models[kind], ps, 16, temperature=0, stop_ids=[302])
+    for p, o in zip(ps, ours):
+        ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                          max_new_tokens=16, do_sample=False, eos_token_id=302, pad_token_id=0)
+        assert o == ref[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.8, top_k=20), dict(top_p=0.9)])
+def test_same_seed_same_samples_whatever_the_grouping(models, settings):
+    model, ps = models["llama"], prompts()
+    together = generate(model, ps, 10, seed=7, stop_ids=[5], **settings)
+    alone = [generate(model, [p], 10, seed=7, stop_ids=[5], **settings)[0] for p in ps]
+    reversed_ = generate(model, ps[::-1], 10, seed=7, stop_ids=[5], batch_size=3, **settings)[::-1]
+    assert together == alone == reversed_
+    other = generate(model, ps, 10, seed=8, stop_ids=[5], **settings)
+    assert other != together  # the seed matters: the test can fail
+    explicit = generate(model, ps, 10, seeds=list(range(len(ps))), **settings)
+    assert generate(model, ps[::-1], 10, seeds=list(range(len(ps)))[::-1], **settings)[::-1] == explicit
+
+
+def test_logprobs_are_the_models_at_temperature_one(models):
+    model, ps = models["mistral"], prompts()
+    out = generate(model, ps, 10, seed=3, return_logprobs=True)
+    for p, (toks, lps) in zip(ps, out):
+        x = torch.tensor([p + toks])
+        with torch.no_grad():
+            ref = torch.log_softmax(model(x)[0, len(p) - 1:-1].float(), -1).gather(-1, x[0, len(p):, None])
+        assert len(lps) == len(toks) == 10
+        assert torch.allclose(torch.tensor(lps), ref[:, 0], atol=1e-4)
+    # With temperature and top-k the log-prob is that of the filtered, rescaled distribution.
+    (toks, lps), = generate(model, ps[:1], 5, seed=3, temperature=0.5, top_k=3, return_logprobs=True)
+    x = torch.tensor([ps[0] + toks])
+    with torch.no_grad():
+        logits = filter_logits(model(x)[0, len(ps[0]) - 1:-1].float() / 0.5, top_k=3)
+    ref = torch.log_softmax(logits, -1).gather(-1, x[0, len(ps[0]):, None])[:, 0]
+    assert torch.allclose(torch.tensor(lps), ref, atol=1e-4) and (ref < 0).all()
+
+
+def test_filter_logits_hand_made():
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.2, 0.1]])  # sorted: 0.5, 0.2, 0.15, 0.1, 0.05
+    logits = probs.log()
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].nonzero()[:, 0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [1, 3] and kept(top_k=3) == [0, 1, 3] and kept(top_k=99) == [0, 1, 2, 3, 4]
+    assert kept(top_p=0.55) == [1, 3]      # 0.5 < 0.55 <= 0.5 + 0.2: the smallest set reaching p
+    assert kept(top_p=0.75) == [0, 1, 3]
+    assert kept(top_p=0.01) == [1] and kept(top_p=0.0) == [1]  # always at least the most likely token
+    assert kept(top_k=3, top_p=0.55) == [1]  # top-p sees top-k's renormalised mass: 0.5/0.85 > 0.55
+    assert kept(top_k=3, top_p=0.7) == [1, 3]
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+    assert torch.isfinite(filter_logits(ties, top_k=1)).tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.7), (50, 0.9), (1, 1.0)])
+def test_filter_logits_equals_transformers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    logits = torch.randn(6, 307, generator=torch.Generator().manual_seed(top_k)) * 3
+    ref = logits
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    assert torch.equal(torch.isfinite(filter_logits(logits, top_k, top_p)), torch.isfinite(ref))
+
+
+def test_sampling_draws_only_allowed_tokens_at_their_frequencies():
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.2, 0.1])
+    n = 20000
+    keys = torch.stack([torch.arange(n), torch.arange(n) * 7 + 1], 1)
+    u = uniforms(keys, 1)[:, 0]                                    # (n,) one draw per stream
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    for kw, allowed in [(dict(top_k=2), [1, 3]), (dict(top_p=0.75), [0, 1, 3]), (dict(), [0, 1, 2, 3, 4])]:
+        tok, lp = sample(probs.log().expand(n, 5), u, 1.0, kw.get("top_k", 0), kw.get("top_p", 1.0))
+        counts = torch.bincount(tok, minlength=5).double() / n
+        want = torch.zeros(5)
+        want[allowed] = probs[allowed] / probs[allowed].sum()
+        assert set(tok.unique().tolist()) == set(allowed), kw
+        assert (counts - want).abs().max() < 0.015, (kw, counts, want)
+        assert torch.allclose(lp, want[tok].log().float(), atol=1e-5)
+    # The extreme uniforms still land on allowed tokens (token 0 and the last one are filtered out here).
+    edges = torch.tensor([0.0, 1 - 2.0 ** -32], dtype=torch.float64)
+    logits = torch.tensor([[0.0, 5.0, 1.0, 0.0]]).expand(2, 4)
+    assert sample(logits, edges, 1.0, 2, 1.0)[0].tolist() == [1, 2]
+    # Keys come from the prompt's content, not only its length.
+    assert not torch.equal(prompt_keys([[1, 2]], 0, None), prompt_keys([[2, 1]], 0, None))
+
+
+def test_max_new_tokens_and_errors(models):
+    model = models["llama"]
+    assert generate(model, prompts([3, 5]), 0) == [[], []]
+    assert generate(model, [], 5) == []
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], 5)
+
+
+def test_cli_streams_and_reports_speed(checkpoints, models):
+    path, _ = checkpoints["llama"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "generate.py"), "--model", path, "--prompt",
+                        "Hello! How are you?", "--max_new_tokens", "12", "--temperature", "0"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    assert "tok/s" in r.stderr
+    from data import Tokenizer
+    tok = Tokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello! How are you?"}],
+                                  add_generation_prompt=True)
+    want = generate(models["llama"], [ids], 12, temperature=0, stop_ids=tok.eos_ids)[0]
+    assert r.stdout == tok.decode(want) + "\n" and len(r.stdout) > 1
+
+
+def _fsdp_worker(rank, path, out_dir):
+    # One of two CPU ranks: FSDP2-shard the model, generate with unequal numbers of prompts per rank.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails the test instead
+    mesh = init_device_mesh("cpu", (2,))
+    model = Transformer.from_pretrained(path)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()  # a training step first: FSDP's lazy init
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    before = [m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info for m in mods]
+    ps = prompts()[:5] if rank == 0 else prompts()[5:6]  # 3 batches of 2 on rank 0, 1 on rank 1
+    # check_every=4 < 12 steps: the decode loop's "all done?" all_reduce runs, and must pair across ranks.
+    greedy = generate(model, ps, 12, temperature=0, batch_size=2, stop_ids=[5], check_every=4)
+    sampled = generate(model, ps, 12, seed=1, batch_size=2, check_every=4)
+    after = [m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info for m in mods]
+    resharded = all(isinstance(p, DTensor) for p in model.parameters())
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()  # and training still works after
+    with open(f"{out_dir}/{rank}.json", "w") as f:
+        json.dump(dict(greedy=greedy, sampled=sampled, restored=before == after, resharded=resharded), f)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_model_generates_like_the_plain_one(checkpoints, models, tmp_path):
+    import torch.multiprocessing as mp
+    path, _ = checkpoints["llama3_tied"]
+    mp.spawn(_fsdp_worker, args=(path, str(tmp_path)), nprocs=2)
+    ps = prompts()
+    want = dict(greedy=generate(models["llama3_tied"], ps[:6], 12, temperature=0, stop_ids=[5]),
+                sampled=generate(models["llama3_tied"], ps[:6], 12, seed=1))
+    got = [json.load(open(tmp_path / f"{r}.json")) for r in (0, 1)]
+    assert all(g["restored"] and g["resharded"] for g in got)
+    for key in ("greedy", "sampled"):
+        assert got[0][key] + got[1][key] == want[key]
