@@ -258,8 +258,12 @@ class Transformer(nn.Module):
         if hidden:
             return h
         if targets is not None:
-            # clone: FSDP2 warns when a module returns a view (in-place ops on it would skip hooks)
-            return fused_logprobs(h.flatten(0, 1), self.lm_weight, targets.flatten()).view(B, T).clone()
+            # Only positions with a target go through the LM head: prompt and padding cost nothing there.
+            targets = targets.flatten()
+            keep = (targets != -100).nonzero()[:, 0]                           # (n,)
+            logp = torch.zeros(B * T, dtype=torch.float32, device=h.device)
+            logp = logp.index_put((keep,), fused_logprobs(h.flatten(0, 1)[keep], self.lm_weight, targets[keep]))
+            return logp.view(B, T)
         return F.linear(h, self.lm_weight)
 
     def attention_mask(self, pos, mask, cache):

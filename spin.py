@@ -237,7 +237,9 @@ def train(model, pairs, ref, cfg, t, log):
                 step_sums += weight * torch.tensor([loss.sum().item(), rr.sum().item(), gr.sum().item(),
                                                     (rr > gr).sum().item(), k, (targets != -100).sum().item()],
                                                    dtype=torch.float64)
+            step_sums = step_sums.to(DEVICE)  # NCCL reduces only GPU tensors
             dist.all_reduce(step_sums)
+            step_sums = step_sums.cpu()
             if not math.isfinite(step_sums[0].item()):
                 raise NonFiniteLoss(f"non-finite loss at iteration {t}, epoch {epoch}, step {s}: stopping; "
                                    f"the last good checkpoint is kept")

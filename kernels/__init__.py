@@ -46,5 +46,6 @@ def fused_logprobs(hidden, weight, targets, *, ignore_index=-100, impl=None, **k
 
 
 def sequence_logprobs(token_logp, mask):
-    # (B, T) per-token log-probs, (B, T) response mask -> (B,) fp32 log p(response | prompt): SPIN's log p(y|x)
+    # (B, T) per-token log-probs, (B, T) response mask (prompt and padding 0) -> (B,) fp32 sums:
+    # log p(y | x), the quantity SPIN's loss compares between the real and the generated answer
     return (token_logp.float() * mask.float()).sum(-1)
