@@ -35,7 +35,8 @@ def compile_template(source):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # transformers' override: Jinja's own tojson escapes HTML characters, which changes the text
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols])
@@ -77,7 +78,7 @@ class Tokenizer:
             return cls(tk, config, gen, chat_template, source=str(path))
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file}: not found (only fast tokenizers, tokenizer.json, are supported)")
+            raise FileNotFoundError(f"{file}: not found (only fast tokenizers, tokenizer.json, are read)")
         try:
             tk = TK.from_file(file)
         except Exception as e:
@@ -134,8 +135,9 @@ class Tokenizer:
 # answer. Formats: OpenAI/UltraChat {"messages"}, ShareGPT {"conversations": [{"from", "value"}]},
 # Alpaca {"instruction", "input", "output"}, and SPIN's own {"real": [...], "generated": [...]}.
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-         "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+         "system": "system"}
 
 
 def read_json_records(file, stats):
@@ -183,8 +185,10 @@ def to_pair(rec, first_turn=False):
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
     else:
         raise ValueError("no known fields (messages, conversations, instruction/output, real)")
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                             and m.get("role") in ("system", "user", "assistant") for m in msgs):
+    roles = ("system", "user", "assistant")
+    if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in roles
+            for m in msgs):
         raise ValueError("messages must be {role: system|user|assistant, content: string} objects")
     answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     if first_turn:  # the paper's setting: first user turn and the first answer after it
@@ -235,7 +239,8 @@ def encode_answer(tok, prompt, answer):
     p = tok.apply_chat_template(prompt, add_generation_prompt=True)
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}])
     if full[:len(p)] != p:
-        raise ValueError(f"{tok.source}: chat template: a rendered answer does not extend the generation prompt")
+        raise ValueError(f"{tok.source}: chat template: a rendered answer does not extend the generation "
+                         f"prompt")
     r = full[len(p):]
     stop = next((i for i, t in enumerate(r) if t in tok.eos_ids), None)
     return p, r if stop is None else r[:stop + 1]

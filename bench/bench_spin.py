@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data import collate  # noqa: E402
 from kernels import sequence_logprobs  # noqa: E402
 from model import Config, Transformer  # noqa: E402
 from spin import spin_loss  # noqa: E402
@@ -31,12 +32,17 @@ def smollm2(layers):  # SmolLM2-135M's shape, random weights
 
 
 def batch(a, dev):
+    # Ragged pairs as SPIN sees them: a prompt (1/8 to 1/2 of --len), then a real and a generated answer of
+    # different lengths, each row right-padded to the longest (data.collate), the real rows first.
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 49152, (2 * a.pairs, a.len), generator=g)    # real rows, then generated rows
-    targets = torch.roll(tokens, -1, 1)
-    targets[:, : a.len // 4] = -100                                         # the prompt quarter is masked
-    targets[:, -1] = -100
-    return tokens.to(dev), targets.to(dev)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    ids = lambda n: torch.randint(0, 49152, (n,), generator=g).tolist()  # noqa: E731
+    real, gen = [], []
+    for _ in range(a.pairs):
+        p = ids(rand(a.len // 8, a.len // 2))
+        real.append((p, ids(rand(a.len // 8, a.len - len(p)))))
+        gen.append((p, ids(rand(a.len // 8, a.len - len(p)))))
+    return collate(real + gen, 0, dev)
 
 
 def naive_seq_logp(model, tokens, targets):
@@ -79,7 +85,7 @@ def worker(a):
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ref = ref_logps()
-    step(ref)                                                  # warm-up: optimizer state, allocations, kernels
+    step(ref)                                       # warm-up: optimizer state, allocations, kernels
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -117,15 +123,16 @@ def main():
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    print(f"SPIN step: SmolLM2-135M shape ({a.layers} layers, V=49152), {a.pairs} pairs x {a.len} tokens, "
-          f"{a.steps} steps, {a.device}, {a.dtype}")
+    print(f"SPIN step: SmolLM2-135M shape ({a.layers} layers, V=49152), {a.pairs} ragged pairs of up to "
+          f"{a.len} tokens, {a.steps} steps, {a.device}, {a.dtype}")
     res = {}
     for name in ("reference", "ours"):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", name],
                              capture_output=True, text=True, check=True)
         res[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = res[name]
-        print(f"  {name:9s}  {r['tokens_per_s']:9.1f} train tokens/s   peak extra memory {r['peak_bytes'] / 2**30:6.2f} GiB")
+        print(f"  {name:9s}  {r['tokens_per_s']:9.1f} train tokens/s   "
+              f"peak extra memory {r['peak_bytes'] / 2**30:6.2f} GiB")
     print(f"  ratio: {res['ours']['tokens_per_s'] / res['reference']['tokens_per_s']:.2f}x throughput, "
           f"{res['ours']['peak_bytes'] / res['reference']['peak_bytes']:.2f}x peak extra memory")
 

