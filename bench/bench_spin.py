@@ -5,7 +5,8 @@
 #   ours:      reference log-probs computed once per iteration (a no-grad pass, amortised here over the
 #              epochs) and the policy's log-probs through kernels.fused_logprobs, never the full logits.
 # Each path runs in a fresh subprocess; peak memory on CPU is ru_maxrss (torch's allocations are invisible
-# to tracemalloc), on CUDA max_memory_allocated. Prints figures and ratios; asserts nothing.
+# to tracemalloc; large blocks are mmapped, so freed ones leave RSS), on CUDA max_memory_allocated, both
+# above what the two paths share. Prints figures and ratios; asserts nothing.
 # Usage: python bench/bench_spin.py [--layers 30] [--pairs 2] [--len 256] [--device cuda]
 import argparse
 import copy
@@ -61,9 +62,19 @@ def worker(a):
     torch.manual_seed(0)
     model = Transformer(smollm2(a.layers)).to(dev, getattr(torch, a.dtype))
     model.grad_checkpointing = a.grad_checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-7, weight_decay=0.0)
+    for p in model.parameters():  # materialise the optimizer state now (a zero step changes nothing)
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     tokens, targets = batch(a, dev)
     B = a.pairs
+    # Baseline: what both paths hold (policy weights, optimizer state). Above it: the reference path's
+    # frozen model copy, activations, logits and gradients: the memory each way of doing the step costs.
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if dev.type == "cuda" else rss_now()
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if a.worker == "reference" else None
 
     def ref_logps():
@@ -85,12 +96,8 @@ def worker(a):
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     ref = ref_logps()
-    step(ref)                                       # warm-up: optimizer state, allocations, kernels
+    step(ref)                                       # warm-up: allocations, kernels
     sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    # The baseline holds weights, the reference copy and optimizer state; the peak above it is the step's own.
-    base = torch.cuda.memory_allocated() if dev.type == "cuda" else rss_now()
     t0 = time.perf_counter()
     t_score = 0.0
     for _ in range(a.steps):
@@ -127,8 +134,9 @@ def main():
           f"{a.len} tokens, {a.steps} steps, {a.device}, {a.dtype}")
     res = {}
     for name in ("reference", "ours"):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}  # RSS then follows what is alive
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", name],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=env)
         res[name] = json.loads(out.stdout.strip().splitlines()[-1])
         r = res[name]
         print(f"  {name:9s}  {r['tokens_per_s']:9.1f} train tokens/s   "
