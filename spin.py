@@ -293,12 +293,11 @@ def load_data(cfg, tok):
     pairs, stats = read_pairs(cfg.data, cfg.first_turn, cfg.skip_bad, keep)
     examples, dropped, cut = [], 0, 0
     for prompt, answer in pairs:
-        p, r = encode_answer(tok, prompt, answer)
-        p, r, cut_p, cut_r = truncate(p, r, cfg.max_length, cfg.max_prompt_length)
-        if cfg.drop_long and (cut_p or cut_r or len(r) > cfg.max_new_tokens):  # longer than a sample can be
+        p, r, was_cut = pair_tokens(tok, prompt, answer, cfg)
+        if cfg.drop_long and (was_cut or len(r) > cfg.max_new_tokens):  # longer than a sample can be
             dropped += 1
             continue
-        cut += cut_p or cut_r
+        cut += was_cut
         examples.append((prompt, answer, p, r))
         if cfg.num_prompts and len(examples) >= cfg.num_prompts + cfg.num_eval:
             break
@@ -312,8 +311,10 @@ def load_data(cfg, tok):
 
 
 def pair_tokens(tok, prompt, answer, cfg):
+    # -> prompt ids, answer ids (the same tokenisation for real and generated answers), whether cut
     p, r = encode_answer(tok, prompt, answer)
-    return truncate(p, r, cfg.max_length, cfg.max_prompt_length)[:2]
+    p, r, cut_p, cut_r = truncate(p, r, cfg.max_length, cfg.max_prompt_length)
+    return p, r, cut_p or cut_r
 
 
 def write_jsonl(path, rows):
@@ -339,7 +340,7 @@ def evaluate(model, tok, held, cfg, k, prev):
     gen = generate_answers(model, tok, prompts, cfg, seed=cfg.seed + 10_000_000, desc=f"eval {k} generate")
     texts = [tok.decode(g) for g in gen]
     real = [(p, r) for _, _, p, r in held]
-    fresh = [pair_tokens(tok, prompt, text, cfg) for (prompt, _, _, _), text in zip(held, texts)]
+    fresh = [pair_tokens(tok, prompt, text, cfg)[:2] for (prompt, _, _, _), text in zip(held, texts)]
     seqs = real + fresh + (prev["fresh"] if prev else [])
     lp = score(model, seqs, cfg, f"eval {k} score").view(-1 if prev else 2, len(held))
     n_real, n_gen = torch.tensor([len(r) for _, r in real]), torch.tensor([len(r) for _, r in fresh])
@@ -367,6 +368,7 @@ def plot_eval(rows, path):
         pts = [(r["point"], r[key]) for r in rows if r[key] is not None]
         ax.plot(*zip(*pts), marker="o") if pts else None
         ax.set_title(key)
+        ax.set_xticks([r["point"] for r in rows])
         ax.set_xlabel("iteration (0 = start model)")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png")
@@ -443,8 +445,8 @@ def main(argv):
         for it in ([t - 1, t] if cfg.keep_previous and t > 0 else [t]):
             for row in read_jsonl(f"{cfg.out}/iter{it}/generated.jsonl"):
                 prompt = row["real"][:-1]
-                pairs.append((pair_tokens(tok, prompt, row["real"][-1]["content"], cfg),
-                              pair_tokens(tok, prompt, row["generated"][-1]["content"], cfg)))
+                pairs.append((pair_tokens(tok, prompt, row["real"][-1]["content"], cfg)[:2],
+                              pair_tokens(tok, prompt, row["generated"][-1]["content"], cfg)[:2]))
         ref = score(model, [s for pair in pairs for s in pair], cfg, f"iter {t} score").view(-1, 2)
         # 3. The main player learns to tell real from generated, p_t frozen as the reference.
         model.train()
