@@ -10,7 +10,7 @@ def _logits(buf, h, w):
     return torch.mm(h, w.T, out=buf[:h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0]))
 
 
-def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=1024, vocab_chunk=2048):
+def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=2048, vocab_chunk=1024):
     # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32, lse (N,) fp32 (saved for backward)
     N, V = hidden.shape[0], weight.shape[0]
     valid = targets != ignore_index
@@ -31,7 +31,7 @@ def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=1024, voc
 
 
 def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True, *,
-             token_chunk=1024, vocab_chunk=2048):
+             token_chunk=2048, vocab_chunk=1024):
     # grad (N,) upstream d loss / d logp -> d_hidden (N, D), d_weight (V, D) or None.
     # d logp_i / d z_ij = [j == t_i] - p_ij (p = softmax), so with g the upstream grad:
     #   d_hidden = g * (W[t] - P @ W)        d_weight = onehot(t).T @ (g * h) - P.T @ (g * h)
