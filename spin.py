@@ -452,7 +452,7 @@ def main(argv):
         model.train()
         train(model, pairs, ref, cfg, t, log)
         model.eval()
-        # 4. Save p_{t+1}, then evaluate it on the held-out prompts.
+        # 4. Evaluate p_{t+1} on the held-out prompts, then save it: the save marks iteration t complete.
         if cfg.num_eval:
             row, prev_eval = evaluate(model, tok, held, cfg, t + 1, prev_eval)
             log(row, eval_file)
