@@ -7,6 +7,7 @@ runs the same in one process. Every phase writes to a temporary name and renames
 re-running the same command after a crash continues from the last completed phase.
 """
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -86,6 +87,9 @@ DEFAULT_RUN = dict(num_prompts=48, num_eval=24, iterations=2, max_new_tokens=128
 
 
 def parse_config(argv):
+    if {"-h", "--help"} & set(argv):  # the dataclass, with its comments, is the documentation
+        print(__doc__ + "\nEvery field is a flag, --field=value:\n\n" + inspect.getsource(Config))
+        sys.exit(0)
     cfg, types = Config(), {f.name: f.type for f in fields(Config)}
     args = [a for arg in argv for a in (arg.split("=", 1) if arg.startswith("--") else [arg])]
     given = set()

@@ -49,6 +49,8 @@ def test_config_overrides_and_lists():
         parse_config(["--model=m", "--data=d", "--nope=1"])
     with pytest.raises(SystemExit, match="cannot read"):
         parse_config(["--model=m", "--data=d", "--epochs=two"])
+    r = run([sys.executable, "spin.py", "--help"])
+    assert r.returncode == 0 and "max_new_tokens: int = 256" in r.stdout
 
 
 # ----- the loop, end to end -----
