@@ -101,6 +101,24 @@ class Config:
         return d
 
 
+def compute_dtype(device, choice="auto"):
+    # The precision policy, the one place it is decided: forwards compute in bf16 where the device has
+    # bf16 units (CUDA from Ampere on; a CPU with AVX512-BF16 or AMX, where a bf16 GEMM is several times
+    # an fp32 one), else in fp32 (elsewhere bf16 is emulated: ~100x slower on an AVX2 CPU). Master
+    # weights, gradient reduction, the optimizer and saved checkpoints stay fp32 whatever this says.
+    if choice != "auto":
+        if choice not in ("bfloat16", "float32"):
+            raise ValueError(f"compute_dtype must be auto, bfloat16 or float32 (got {choice!r})")
+        return getattr(torch, choice)
+    device = torch.device(device)
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or
+                                         torch.cpu._is_amx_tile_supported())
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def rope_frequencies(cfg):
     # (head_dim/2,) fp32 inverse frequencies, with the checkpoint's context-extension rule applied.
     hd = cfg.head_dim
@@ -159,6 +177,15 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
         return self.k[layer], self.v[layer]
+
+    def mask(self, pos, window=None):
+        # (B, 1, T, S) bool, True = may attend, for queries at positions pos (B, T): keys are cache
+        # slots 0..S-1, slot j holds position j of its row.
+        kpos = torch.arange(self.k.shape[3], device=pos.device)
+        allowed = kpos <= pos[..., None]                                       # (B, T, S)
+        if window:
+            allowed &= kpos > pos[..., None] - window
+        return allowed[:, None]
 
 
 class Attention(nn.Module):
@@ -269,12 +296,8 @@ class Transformer(nn.Module):
     def attention_mask(self, pos, mask, cache):
         # (B, 1, T, S) bool, True = may attend; None when plain causal attention is exact.
         T, w = pos.shape[1], self.config.sliding_window
-        if cache is not None:  # keys are cache slots 0..S-1; slot j holds position j of its row
-            kpos = torch.arange(cache.k.shape[3], device=pos.device)
-            allowed = kpos <= pos[..., None]                                   # (B, T, S)
-            if w:
-                allowed &= kpos > pos[..., None] - w
-            return allowed[:, None]
+        if cache is not None:
+            return cache.mask(pos, w)
         if mask is None and (w is None or T <= w):
             return None
         i = torch.arange(T, device=pos.device)
