@@ -4,8 +4,10 @@ Part 1, the tokenizer: `tokenizers` does the BPE; the chat template is the check
 the way `transformers` renders it (sandboxed, trim_blocks + lstrip_blocks, same globals), then encoded
 without extra special tokens, so the ids are exactly those of `transformers`' apply_chat_template.
 """
+import fnmatch
 import json
 import os
+import re
 from datetime import datetime
 
 import jinja2
@@ -131,13 +133,53 @@ class Tokenizer:
 
 
 # ----- Part 2: SFT records in, token pairs out -----
-# A record becomes (prompt messages, real answer): the prompt is every turn before the last assistant
-# answer. Formats: OpenAI/UltraChat {"messages"}, ShareGPT {"conversations": [{"from", "value"}]},
-# Alpaca {"instruction", "input", "output"}, and SPIN's own {"real": [...], "generated": [...]}.
+# --data names JSON, JSONL or parquet files (or a folder, or a hub dataset and its split), whose records
+# are read one by one. A record becomes (prompt messages, real answer): the prompt is every turn before
+# the last assistant answer. Formats: OpenAI/UltraChat {"messages"}, ShareGPT {"conversations": [{"from",
+# "value"}]}, Alpaca {"instruction", "input", "output"}, and SPIN's own {"real": [...], "generated": [...]}.
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
          "system": "system"}
+
+
+DATA_EXT = (".parquet", ".jsonl", ".json")
+FIELDS = ("messages", "conversations", "real", "instruction", "input", "output")  # what to_pair reads
+
+
+def split_patterns(split):
+    # Where datasets on the hub keep a split's files: data/train_sft-00000-of-00003-<hash>.parquet (as
+    # push_to_hub writes them), default/train_sft/0000.parquet (the hub's conversion), train.jsonl, ...
+    forms = (f"{split}-*", f"*/{split}-*", split, f"*/{split}", f"*_{split}", f"{split}/*", f"*/{split}/*")
+    return [form + ext for form in forms for ext in DATA_EXT]
+
+
+def data_files(data, split=""):
+    # --data -> the files to read, in order: a file; several, comma-separated; a folder (its data files,
+    # or the split's); a hub dataset id "org/name[@revision]": only its split's files (split "" = train)
+    # are fetched into the hub's cache, through the same function as a model id.
+    data = os.fspath(data)
+    if os.path.isfile(data):
+        return [data]
+    if "," in data and not os.path.isdir(data):
+        return [f for part in data.split(",") for f in data_files(part, split)]
+    from model import HUB_ID, hub_snapshot
+    if os.path.isdir(data):
+        folder = data
+    elif HUB_ID.fullmatch(data):
+        split = split or "train"
+        folder = hub_snapshot(data, "dataset", split_patterns(split))
+    else:
+        raise FileNotFoundError(f"{data}: not found: neither a data file, a folder nor a hub dataset id "
+                                f"(org/name or org/name@revision)")
+    found = sorted(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+                   for d, _, names in os.walk(folder) for f in names if f.endswith(DATA_EXT))
+    files = [f for f in found if not split or any(fnmatch.fnmatch(f, p) for p in split_patterns(split))]
+    if not files:
+        what = f"files of split {split!r} ({split}-*.parquet, {split}.jsonl, ...)" if split else "data files"
+        seen = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise FileNotFoundError(f"{data}: no {what} (.parquet, .jsonl, .json); found: {seen or 'none'}")
+    return [os.path.join(folder, f) for f in files]
 
 
 def read_json_records(file, stats):
@@ -169,6 +211,28 @@ def read_json_records(file, stats):
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:  # handed on, so that skip_bad can count it
                     yield n, ValueError(f"malformed JSON ({e.msg})")
+
+
+def read_parquet_records(file):
+    # Yields ("row i", record) from a parquet file, i counted from 0 as the hub's viewer and pandas show
+    # it. Only the columns to_pair reads are loaded, whole (a bad file fails here, not mid-run); rows
+    # become Python objects a batch at a time.
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{file}: parquet files need pyarrow: pip install pyarrow") from None
+    try:
+        pf = pq.ParquetFile(file)
+        names = pf.schema_arrow.names
+        table = pf.read(columns=[c for c in names if c in FIELDS])
+    except Exception as e:  # not parquet, truncated, corrupt: one line naming the file
+        raise ValueError(f"{file}: cannot read parquet file ({(str(e).splitlines() or [''])[0]})") from None
+    if not (set(names) & {"messages", "conversations", "real"} or {"instruction", "output"} <= set(names)):
+        raise ValueError(f"{file}: no columns of a known format (messages, conversations, real, or "
+                         f"instruction + output); it has {', '.join(names)}")
+    rows = (rec for batch in table.to_batches(max_chunksize=1024) for rec in batch.to_pylist())
+    for i, rec in enumerate(rows):
+        yield f"row {i}", rec
 
 
 def to_pair(rec, first_turn=False):
@@ -204,27 +268,28 @@ def to_pair(rec, first_turn=False):
     return [{"role": m["role"], "content": m["content"]} for m in msgs[:i]], msgs[i]["content"]
 
 
-def read_pairs(file, first_turn=False, skip_bad=False, keep=None):
-    # -> list of (prompt messages, answer), stats. A bad record is a one-line error naming file:line,
-    # or with skip_bad a counted skip. keep(prompt, answer) -> bool filters (counted as "filtered").
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file}: not found")
+def read_pairs(data, first_turn=False, skip_bad=False, keep=None, split=""):
+    # data: what --data takes (data_files) -> list of (prompt messages, answer), stats. A bad record is a
+    # one-line error naming file:line (file:row i in parquet), or with skip_bad a counted skip.
+    # keep(prompt, answer) -> bool filters (counted as "filtered").
     pairs, stats = [], {"records": 0, "skipped": 0, "filtered": 0, "cut_off": 0}
-    for line, rec in read_json_records(file, stats):
-        stats["records"] += 1
-        try:
-            if isinstance(rec, ValueError):
-                raise rec
-            prompt, answer = to_pair(rec, first_turn)
-        except (ValueError, TypeError, AttributeError) as e:
-            if not skip_bad:
-                raise ValueError(f"{file}:{line}: {e}") from None
-            stats["skipped"] += 1
-            continue
-        if keep is not None and not keep(prompt, answer):
-            stats["filtered"] += 1
-            continue
-        pairs.append((prompt, answer))
+    for file in data_files(data, split):
+        records = read_parquet_records(file) if file.endswith(".parquet") else read_json_records(file, stats)
+        for line, rec in records:
+            stats["records"] += 1
+            try:
+                if isinstance(rec, ValueError):
+                    raise rec
+                prompt, answer = to_pair(rec, first_turn)
+            except (ValueError, TypeError, AttributeError) as e:
+                if not skip_bad:
+                    raise ValueError(f"{file}:{line}: {e}") from None
+                stats["skipped"] += 1
+                continue
+            if keep is not None and not keep(prompt, answer):
+                stats["filtered"] += 1
+                continue
+            pairs.append((prompt, answer))
     return pairs, stats
 
 
@@ -253,14 +318,41 @@ def truncate(p, r, max_length, max_prompt_length):
     return p, r[:max_length - len(p)], cut_p, cut_r
 
 
-def collate(seqs, pad_id, device=None):
-    # seqs: list of (prompt ids, response ids) -> tokens (B, T) right-padded, targets (B, T) with the
-    # next token at response positions and -100 elsewhere (prompt and padding are out of the loss).
+def pack(groups, rows, pad_id, device=None, length=None):
+    # groups: (prompt ids, [answer ids, ...]) with the same number A of answers each; rows: lists of
+    # indices into groups, one list per packed row. Each group is laid out once as [prompt | answer 1 |
+    # answer 2 | ...]: every answer sees the prompt and itself, never another answer or group, and its
+    # positions continue from the prompt's end, as if it were its own sequence (model.forward's layout).
+    # -> tokens (B, T); layout (pos, doc, branch) (B, T) each; targets (index (n,), ids (n,)): answer
+    # token ids[k] is predicted at flattened position index[k] (an answer's first token at its prompt's
+    # last position, which all the group's answers share); owner (n,): target k belongs to answer
+    # g * A + a of group g, so `zeros(len(groups) * A).index_add_(0, owner, logp)` sums log p(answer).
+    # Rows are right-padded to the longest, or to `length` (a fixed shape for compiled kernels).
     import torch
-    T = max(len(p) + len(r) for p, r in seqs)
-    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for i, (p, r) in enumerate(seqs):
-        tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
-        targets[i, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
-    return tokens.to(device), targets.to(device)
+    A = len(groups[0][1])
+    T = max([length or 0] + [sum(len(groups[g][0]) + sum(map(len, groups[g][1])) for g in row) for row in rows])
+    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    doc = torch.full_like(tokens, -1)  # padding: doc -1, each padding token sees only itself
+    pos, branch = torch.zeros_like(tokens), torch.zeros_like(tokens)
+    index, ids, owner = [], [], []
+    for b, row in enumerate(rows):
+        at = 0
+        for d, g in enumerate(row, 1):
+            prompt, answers = groups[g]
+            assert len(answers) == A, "every group needs the same number of answers"
+            P, end = len(prompt), at + len(prompt)
+            tokens[b, at:end], pos[b, at:end], doc[b, at:end] = torch.tensor(prompt), torch.arange(P), d
+            for a, r in enumerate(answers, 1):
+                R = len(r)
+                tokens[b, end:end + R], doc[b, end:end + R], branch[b, end:end + R] = torch.tensor(r), d, a
+                pos[b, end:end + R] = torch.arange(P, P + R)
+                # the token at answer position k is predicted from position k - 1 (the prompt's last for k=0)
+                if R:
+                    index += [b * T + at + P - 1] + list(range(b * T + end, b * T + end + R - 1))
+                ids += r
+                owner += [g * A + a - 1] * R
+                end += R
+            at = end
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return (tokens.to(device), (pos.to(device), doc.to(device), branch.to(device)),
+            (as_tensor(index), as_tensor(ids)), as_tensor(owner))

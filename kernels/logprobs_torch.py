@@ -2,59 +2,133 @@
 # Work goes in (token_chunk, vocab_chunk) tiles so one tile of fp32 logits is alive at a time (8 MiB at the
 # defaults) whatever N and V are. Vocab tiles also keep the CPU fast: each re-reads a small hidden chunk,
 # not the whole (V, D) head, and the tile lives in one reused buffer through the in-place exp.
+# The backward walks the vocabulary in its outer loop, so each (vocab_chunk, D) slice of d_weight is summed
+# in a small fp32 tile and written once, in the weight's dtype: no fp32 (V, D) buffer for 16-bit inputs.
+# 16-bit inputs (bf16 compute): every GEMM takes the operands as stored (no fp32 copy of a weight tile);
+# the log-sum-exp, the outputs and the d_hidden sums stay fp32 (_logits and addmm say how).
 import torch
 
 
-def _logits(buf, h, w):
-    # (n, v) = h @ w.T written into the front of the reused buffer: no allocation or page faults per tile
-    return torch.mm(h, w.T, out=buf[:h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0]))
+def _buffers(h, n, v):
+    # the reused tiles: fp32 logits, and for 16-bit operands the GEMM's own 16-bit output
+    f32 = torch.empty(n * v, dtype=torch.float32, device=h.device)
+    return f32, (None if h.dtype == torch.float32 else torch.empty(n * v, dtype=h.dtype, device=h.device))
 
 
-def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=2048, vocab_chunk=1024):
-    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32, lse (N,) fp32 (saved for backward)
+def _logits(bufs, h, w, bias=None):
+    # (n, v) fp32 tile of h @ w.T + bias in the front of the reused fp32 buffer. fp32 operands: written in
+    # place. 16-bit operands: the GEMM multiplies them exactly and sums in fp32, but a CPU GEMM rounds its
+    # output to 16 bits (there is no fp32-output bf16 GEMM on CPU): an error of u |z| (u = 2^-8 for bf16).
+    # bias (n, 1), added inside the GEMM before that rounding, is minus a 16-bit number near the row's top
+    # logits, which makes the error u |z + bias|: small on exactly the logits that carry probability.
+    # Then one (n, v) upcast pass, instead of upcasting the (v, D) weight tile before the GEMM.
+    n, v = h.shape[0], w.shape[0]
+    z = bufs[0][:n * v].view(n, v)
+    if h.dtype == torch.float32:
+        return torch.mm(h, w.T, out=z) if bias is None else torch.addmm(bias, h, w.T, out=z)
+    z16 = bufs[1][:n * v].view(n, v)
+    return z.copy_(torch.mm(h, w.T, out=z16) if bias is None else torch.addmm(bias, h, w.T, out=z16))
+
+
+def mm32(a, b):
+    # a @ b summed in fp32 and returned in fp32. CUDA: 16-bit operands, fp32 output (out_dtype). CPU: the
+    # GEMM's 16-bit output is upcast (one rounding per product; the tests' tolerance counts it).
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b).float()
+
+
+def addmm(acc, a, b, alpha=1):
+    # acc (fp32) += alpha * a @ b: fp32 operands in place (the GEMM's beta=1), 16-bit ones through mm32
+    return acc.addmm_(a, b, alpha=alpha) if a.dtype == acc.dtype else acc.add_(mm32(a, b), alpha=alpha)
+
+
+def keep_mask(part, lse, safe, valid, width, V, dtype, stats=None):
+    # Gradient filtering: (N, chunks) bool, the (row, vocabulary chunk) pairs a filtered backward computes.
+    # part (N, chunks): each chunk's own log-sum-exp, saved by the forward; width: columns per chunk.
+    # A pair is skipped when its row is ignored (g = 0: exact), or when its target is not in the chunk and
+    # the chunk's whole softmax mass exp(part - lse) is below u, the unit roundoff of the gradients' dtype:
+    # then every softmax value there is below u, and so is their sum, so the pair's share of d_hidden row i,
+    # g_i sum_j p_ij W_j, is below half an ulp of |g_i| max|W|. Not exact in general (README): skipped
+    # chunks add up, and a token that no row targets gets its whole d_weight row from such small terms.
+    # stats (a dict, optional) gets "skipped": the share of the N x V logits the backward does not compute.
+    u = torch.finfo(dtype).eps / 2
+    chunk = torch.arange(part.shape[1], device=part.device)
+    keep = valid[:, None] & (((safe // width)[:, None] == chunk) | ((part - lse[:, None]).exp() >= u))
+    if stats is not None:
+        cols = (V - chunk * width).clamp(max=width).float()  # (chunks,) the last chunk may be narrower
+        stats["skipped"] = float((~keep).float().sum(0) @ cols) / (keep.shape[0] * V)
+    return keep
+
+
+def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=2048, vocab_chunk=1024,
+            filter=False, stats=None):
+    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32; saved for backward: lse (N,) fp32 and
+    # part (N, cdiv(V, vocab_chunk)) fp32, each vocab chunk's log-sum-exp (what filtering reads).
+    # filter and stats are backward's keywords.
     N, V = hidden.shape[0], weight.shape[0]
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
     lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
     zt = torch.empty_like(lse)
-    buf = torch.empty(min(N, token_chunk) * min(V, vocab_chunk), dtype=torch.float32, device=hidden.device)
+    part = torch.empty(N, -(-V // vocab_chunk), dtype=torch.float32, device=hidden.device)
+    bufs = _buffers(hidden, min(N, token_chunk), min(V, vocab_chunk))
     for i in range(0, N, token_chunk):
-        h = hidden[i:i + token_chunk].float()  # (n, D)
-        parts = []
-        for j in range(0, V, vocab_chunk):
-            z = _logits(buf, h, weight[j:j + vocab_chunk].float())  # (n, v) logits tile
+        rows = slice(i, i + token_chunk)
+        h = hidden[rows]  # (n, D) the GEMM operand, as stored
+        zt[rows] = (h.float() * weight[safe[rows]].float()).sum(1)  # target logit, fp32 products and sum
+        # 16-bit: the target logit (rounded to 16 bits) as the offset inside the GEMMs, added back below
+        bias = None if h.dtype == torch.float32 else (-zt[rows, None]).to(h.dtype)
+        for k, j in enumerate(range(0, V, vocab_chunk)):
+            z = _logits(bufs, h, weight[j:j + vocab_chunk], bias)  # (n, v) logits tile (minus the offset)
             m = z.amax(1, keepdim=True)
-            parts.append(z.sub_(m).exp_().sum(1).log_().add_(m[:, 0]))  # the tile's log-sum-exp
-        lse[i:i + token_chunk] = torch.logsumexp(torch.stack(parts, 1), 1)
-        zt[i:i + token_chunk] = (h * weight[safe[i:i + token_chunk]].float()).sum(1)  # target logit
-    return torch.where(valid, zt - lse, 0.0), lse
+            part[rows, k] = z.sub_(m).exp_().sum(1).log_().add_(m[:, 0])  # the tile's log-sum-exp
+        if bias is not None:
+            part[rows] -= bias.float()
+        lse[rows] = torch.logsumexp(part[rows], 1)
+    return torch.where(valid, zt - lse, 0.0), lse, part
 
 
-def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True, *,
-             token_chunk=2048, vocab_chunk=1024):
-    # grad (N,) upstream d loss / d logp -> d_hidden (N, D), d_weight (V, D) or None.
+def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_dw=True, *,
+             token_chunk=2048, vocab_chunk=1024, filter=False, stats=None):
+    # grad (N,) upstream d loss / d logp -> d_hidden (N, D), d_weight (V, D) or None, in the inputs' dtypes.
     # d logp_i / d z_ij = [j == t_i] - p_ij (p = softmax), so with g the upstream grad:
     #   d_hidden = g * (W[t] - P @ W)        d_weight = onehot(t).T @ (g * h) - P.T @ (g * h)
     # P goes through the tiles unscaled (g is folded into h); the one-hot parts: a gather and an index_add.
+    # filter: skip the (row, vocab chunk) pairs keep_mask rejects (their tiles' P rows count as 0).
     (N, D), V = hidden.shape, weight.shape[0]
     valid = targets != ignore_index
     g = torch.where(valid, grad.float(), 0.0)[:, None]  # (N, 1) ignored rows get no gradient
     safe = torch.where(valid, targets, 0)
-    dh = torch.empty(N, D, dtype=torch.float32, device=hidden.device)
-    dw = torch.zeros(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
-    buf = torch.empty(min(N, token_chunk) * min(V, vocab_chunk), dtype=torch.float32, device=hidden.device)
-    for i in range(0, N, token_chunk):
-        rows = slice(i, i + token_chunk)
-        h = hidden[rows].float()  # (n, D)
-        gh = h * g[rows]  # (n, D)
-        pw = torch.zeros_like(h)  # (n, D) P @ W, summed over the vocab tiles
-        for j in range(0, V, vocab_chunk):
-            w = weight[j:j + vocab_chunk].float()  # (v, D)
-            p = _logits(buf, h, w).sub_(lse[rows, None]).exp_()  # (n, v) softmax tile
-            pw.addmm_(p, w)
+    gh = hidden.float() * g  # (N, D) fp32, for the one-hot part
+    gh_op = gh.to(hidden.dtype)  # (N, D) the GEMM operand (gh itself for fp32)
+    # 16-bit: logits are computed minus bf16(lse) inside the GEMM (see _logits), so p = exp(z' - shift)
+    bias = None if hidden.dtype == torch.float32 else (-lse[:, None]).to(hidden.dtype)
+    shift = lse[:, None] if bias is None else lse[:, None] + bias.float()  # (N, 1)
+    keep = keep_mask(part, lse, safe, valid, vocab_chunk, V, weight.dtype, stats) if filter else None
+    pw = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)  # P @ W, summed over the vocab chunks
+    dw = torch.empty_like(weight) if need_dw else None
+    acc = torch.empty(min(V, vocab_chunk), D, dtype=torch.float32, device=hidden.device)  # one d_weight slice
+    bufs = _buffers(hidden, min(N, token_chunk), min(V, vocab_chunk))
+    for k, j in enumerate(range(0, V, vocab_chunk)):
+        w = weight[j:j + vocab_chunk]  # (v, D) as stored
+        a = acc[:w.shape[0]].zero_()
+        for i in range(0, N, token_chunk):
+            rows = slice(i, i + token_chunk)
+            if keep is not None and not keep[rows, k].any():
+                continue  # the whole tile is filtered out (and holds no target)
+            p = _logits(bufs, hidden[rows], w, None if bias is None else bias[rows])
+            p = p.sub_(shift[rows]).exp_()  # (n, v) softmax tile, fp32
+            if keep is not None:
+                p.mul_(keep[rows, k, None])
+            p = p.to(hidden.dtype)  # the GEMM operand (16-bit: rounded, as on the GPU)
+            addmm(pw[rows], p, w)
             if need_dw:
-                dw[j:j + vocab_chunk].addmm_(p.T, gh, alpha=-1)
-        torch.mul(weight[safe[rows]].float().sub_(pw), g[rows], out=dh[rows])
+                addmm(a, p.T, gh_op[rows], alpha=-1)
+                t = safe[rows] - j  # the one-hot part of the rows whose target is in this chunk
+                hit = (t >= 0) & (t < w.shape[0])
+                a.index_add_(0, t[hit], gh[rows][hit])
         if need_dw:
-            dw.index_add_(0, safe[rows], gh)
-    return dh.to(hidden.dtype), dw.to(weight.dtype) if need_dw else None
+            dw[j:j + vocab_chunk] = a  # written once, in the weight's dtype
+    dh = weight[safe].float().sub_(pw).mul_(g)
+    return dh.to(hidden.dtype), dw

@@ -14,7 +14,7 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Self-play fine-tuning
           "opponent.", "Numbers like 12345 and 3.14159 appear too.", "naïve café Ünïcödé 日本語 🙂",
           "def f(x):\n    return x * 2\n", "Hello! How are you today? I am fine, thanks."] * 4
 
-KINDS = {  # the four configurations issue 2 names; widths tiny, vocabulary not a power of two
+KINDS = {  # issue 2's four configurations and Qwen3; widths tiny, vocabulary not a power of two
     "llama": dict(model_type="llama", num_key_value_heads=2),
     "llama3_tied": dict(model_type="llama", num_key_value_heads=1, tie_word_embeddings=True,
                         max_position_embeddings=256, rope_theta=500000.0,
@@ -22,6 +22,8 @@ KINDS = {  # the four configurations issue 2 names; widths tiny, vocabulary not 
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=8),
     "qwen2": dict(model_type="qwen2", num_key_value_heads=2),
+    # q/k norms, and a head_dim (24) that width / heads (16) would not give: it must be read, not derived
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=24, tie_word_embeddings=True),
 }
 
 
@@ -48,10 +50,10 @@ def build_checkpoint(path, kind="llama", seed=0, dtype=torch.float32, **override
     spec = {**KINDS[kind], **overrides}
     mt = spec.pop("model_type")
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[mt]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[mt]
+    spec.setdefault("head_dim", 16)
     cfg = cls(vocab_size=307, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, head_dim=16, rms_norm_eps=1e-5, bos_token_id=303, eos_token_id=302,
-              **spec)
+              num_attention_heads=4, rms_norm_eps=1e-5, bos_token_id=303, eos_token_id=302, **spec)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer
-from data import Tokenizer, collate, encode_answer, read_pairs, to_pair, truncate
+from data import Tokenizer, encode_answer, read_pairs, to_pair, truncate
 
 USER, ANSWER = "What is 2 + 2?", "It is 4."
 WANT = ([{"role": "user", "content": USER}], ANSWER)
@@ -103,11 +103,3 @@ def test_truncation_policy():
     p2, r2, cut_p, cut_r = truncate(p, r, max_length=16, max_prompt_length=6)
     assert p2 == p[-6:] and r2 == r[:10] and cut_p and cut_r  # the prompt keeps its end
     assert truncate(p, r, 100, 50) == (p, r, False, False)
-
-
-def test_collate_masks_prompt_and_padding():
-    tokens, targets = collate([([1, 2], [3, 4]), ([5], [6])], pad_id=0)
-    assert tokens.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
-    # targets[i, j] is the token predicted at position j: only answer tokens count.
-    assert targets.tolist() == [[-100, 3, 4, -100], [6, -100, -100, -100]]
-    assert targets.dtype == torch.long

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from generate import filter_logits, generate, prompt_keys, sample, uniforms
+from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, gathered, generate, pool_size, prompt_keys,
+                      sample, span, uniforms)
 from model import Transformer
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
@@ -49,17 +50,17 @@ def models(checkpoints):
     return {k: Transformer.from_pretrained(path) for k, (path, _) in checkpoints.items()}
 
 
-@pytest.mark.parametrize("kind,batch_size,prefill_tokens", [("mistral", None, 8192),
-                                                            ("llama3_tied", 3, 1), ("qwen2", None, 40)])
-def test_greedy_matches_uncached_argmax(models, kind, batch_size, prefill_tokens):
-    # Mistral's window (8) is shorter than most prompts; prefill_tokens=1 prefills row by row, 40 in groups.
+@pytest.mark.parametrize("kind,pool,prefill_tokens", [("mistral", None, 8192), ("llama3_tied", 3, 1),
+                                                      ("qwen2", None, 40), ("llama", 2, 7)])
+def test_greedy_matches_uncached_argmax(models, kind, pool, prefill_tokens):
+    # Mistral's window (8) is shorter than most prompts. prefill_tokens=1 prefills token by token, 40 in
+    # groups, 7 in groups and chunks; pools of 2 and 3 refill rows while others decode.
     model, ps = models[kind], prompts()
     free = [greedy_reference(model, p, 12) for p in ps]
     stop = free[0][4]  # a token that does occur, so some rows stop early and others run on
     ref = [cut(f, stop) for f in free]
     assert any(len(r) < 12 for r in ref) and any(len(r) == 12 for r in ref)
-    out = generate(model, ps, 12, temperature=0, stop_ids=[stop], batch_size=batch_size,
-                   prefill_tokens=prefill_tokens, check_every=3)
+    out = generate(model, ps, 12, temperature=0, stop_ids=[stop], pool=pool, prefill_tokens=prefill_tokens)
     assert out == ref
 
 
@@ -79,12 +80,84 @@ def test_same_seed_same_samples_whatever_the_grouping(models, settings):
     model, ps = models["llama"], prompts()
     together = generate(model, ps, 10, seed=7, stop_ids=[5], **settings)
     alone = [generate(model, [p], 10, seed=7, stop_ids=[5], **settings)[0] for p in ps]
-    reversed_ = generate(model, ps[::-1], 10, seed=7, stop_ids=[5], batch_size=3, **settings)[::-1]
+    reversed_ = generate(model, ps[::-1], 10, seed=7, stop_ids=[5], pool=3, **settings)[::-1]
     assert together == alone == reversed_
     other = generate(model, ps, 10, seed=8, stop_ids=[5], **settings)
     assert other != together  # the seed matters: the test can fail
     explicit = generate(model, ps, 10, seeds=list(range(len(ps))), **settings)
     assert generate(model, ps[::-1], 10, seeds=list(range(len(ps)))[::-1], **settings)[::-1] == explicit
+
+
+def with_stop(free):
+    # A stop id that ends some answers early and not others (so rows free up at different steps), and the
+    # answers it gives: stopping only cuts an answer, since no draw depends on another row or on stopping.
+    for stop in sorted({t for f in free for t in f[1:]}):
+        cut_ = [cut(f, stop) for f in free]
+        if sum(len(c) < len(f) for c, f in zip(cut_, free)) in range(2, len(free) - 1):
+            return stop, cut_
+    raise AssertionError("no token stops some answers but not all")
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(), dict(temperature=0.9, top_p=0.8),
+                                      dict(top_k=20)], ids=["greedy", "t1", "top_p", "top_k"])
+def test_continuous_equals_static_equals_alone(models, settings):
+    # Token for token whatever the scheduling: each prompt alone, and pools of 1, 3 and 16 rows refilled as
+    # rows stop (continuous) or once drained (static); ragged prompts, a stop id ending some rows early.
+    model, ps = models["qwen2"], prompts(LENGTHS + [5, 27, 1, 9], seed=2)
+
+    def run(ps, **kw):
+        return generate(model, ps, 14, seed=3, return_logprobs=True, **settings, **kw)
+    stop, want = with_stop([run([p])[0][0] for p in ps])
+    alone = [run([p], stop_ids=[stop])[0] for p in ps]
+    assert [t for t, _ in alone] == want
+    for pool in (1, 3, 16):
+        for refill in (True, False):
+            out = run(ps, pool=pool, refill=refill, stop_ids=[stop])
+            assert [t for t, _ in out] == want, (pool, refill)
+            assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+                       for (_, a), (_, b) in zip(out, alone))
+
+
+def test_continuous_refills_rows_while_others_decode(models):
+    # A pool of 3: prompt 3 starts in the first row to free up while the rows of prompts 0-2 with longer
+    # answers still decode; static batching starts it only once all three have stopped.
+    model, ps = models["llama"], prompts()
+    free = generate(model, ps, 12, seed=0)
+    stop = next(s for s in sorted({t for f in free[:3] for t in f})
+                if len({len(cut(f, s)) for f in free[:3]}) > 1)  # the first three stop at different steps
+    lengths = [len(cut(f, stop)) for f in free[:3]]
+    for refill in (True, False):
+        seen = []
+        generate(model, ps, 12, seed=0, stop_ids=[stop], pool=3, refill=refill,
+                 on_token=lambda i, t: seen.append(i))
+        still_decoding = {i for i in seen[seen.index(3):] if i < 3}
+        assert still_decoding == ({i for i in range(3) if lengths[i] > min(lengths)} if refill else set())
+
+
+def test_pool_size_from_memory_and_span(models):
+    cfg = models["llama"].config  # 2 layers, 2 key/value heads of 16, vocabulary 307
+    per_row = 2 * 2 * 2 * 16 * 128 * 4 + 4 * 307 * 4  # keys and values of 128 slots in fp32, sampling rows
+    assert pool_size(cfg, 128, torch.float32, "cpu", free=10 * per_row / MEMORY_SHARE) == 10
+    assert pool_size(cfg, 128, torch.float32, "cpu", free=0) == 1
+    assert pool_size(cfg, 128, torch.float32, "cpu", free=1 << 50) == CPU_POOL
+    assert 1 <= pool_size(cfg, 128, torch.float32, "cpu") <= CPU_POOL  # from this machine's free memory
+    # The keys a step reads: the longest row, rounded up to 64 (compiled: a power of two), at most all.
+    assert [span(n, 320, False) for n in (1, 64, 65, 300)] == [64, 64, 128, 320]
+    assert [span(n, 320, True) for n in (1, 65, 129, 300)] == [64, 128, 256, 320]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile + CUDA graphs: CUDA only")
+def test_compiled_step_refills_without_recompiling(checkpoints):
+    from torch._dynamo.utils import counters
+    path, _ = checkpoints["llama"]
+    model = Transformer.from_pretrained(path, torch.float32, "cuda")
+    ps = prompts(LENGTHS * 3, seed=4)
+    eager = generate(model, ps, 40, temperature=0, stop_ids=[5], pool=5)
+    compiled = generate(model, ps, 40, temperature=0, stop_ids=[5], pool=5, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    again = generate(model, ps[::-1], 40, temperature=0, stop_ids=[5], pool=5, compile=True)[::-1]
+    assert compiled == eager == again
+    assert counters["stats"]["unique_graphs"] == graphs  # new refills and the same spans: no new graph
 
 
 def test_logprobs_are_the_models_at_temperature_one(models):
@@ -135,7 +208,7 @@ def test_sampling_draws_only_allowed_tokens_at_their_frequencies():
     probs = torch.tensor([0.15, 0.5, 0.05, 0.2, 0.1])
     n = 20000
     keys = torch.stack([torch.arange(n), torch.arange(n) * 7 + 1], 1)
-    u = uniforms(keys, 1)[:, 0]                                    # (n,) one draw per stream
+    u = uniforms(keys, torch.zeros(n, dtype=torch.long))          # (n,) one draw per stream
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
     for kw, allowed in [(dict(top_k=2), [1, 3]), (dict(top_p=0.75), [0, 1, 3]), (dict(), [0, 1, 2, 3, 4])]:
         tok, lp = sample(probs.log().expand(n, 5), u, 1.0, kw.get("top_k", 0), kw.get("top_p", 1.0))
@@ -194,10 +267,12 @@ def _fsdp_worker(rank, path, out_dir):
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()  # a training step first: FSDP's lazy init
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
     before = [m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info for m in mods]
-    ps = prompts()[:5] if rank == 0 else prompts()[5:6]  # 3 batches of 2 on rank 0, 1 on rank 1
-    # check_every=4 < 12 steps: the decode loop's "all done?" all_reduce runs, and must pair across ranks.
-    greedy = generate(model, ps, 12, temperature=0, batch_size=2, stop_ids=[5], check_every=4)
-    sampled = generate(model, ps, 12, seed=1, batch_size=2, check_every=4)
+    ps = prompts()[:5] if rank == 0 else prompts()[5:6]  # 5 prompts through 2 rows on rank 0, 1 on rank 1
+    with pytest.raises(ValueError, match="gathered"):
+        generate(model, ps, 12)  # sharded forwards would be collective: refused
+    with gathered(model):  # collective once; inside, the ranks' different amounts of work never meet
+        greedy = generate(model, ps, 12, temperature=0, pool=2, stop_ids=[5])
+        sampled = generate(model, ps, 12, seed=1, pool=2)
     after = [m._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info for m in mods]
     resharded = all(isinstance(p, DTensor) for p in model.parameters())
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()  # and training still works after

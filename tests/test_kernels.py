@@ -4,6 +4,7 @@
 # triton is first imported. Setting it here would leak into every later test module of the session (their
 # impl=None would pick the slow interpreter), so on CPU the Triton cases run in one child pytest that has
 # the variable set (test_interpreter_child) and are skipped in this process.
+import math
 import os
 import subprocess
 import sys
@@ -24,31 +25,68 @@ IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
 
 
 def assert_close(name, got, want, atol, rtol):
-    # verbose mismatch report: how many elements are off, the worst one and where, the scale of the data
+    # verbose mismatch report: how many elements are off, the worst one and where, the scale of the data.
+    # atol: a number or a per-element tensor of bounds (see tolerances)
     got, want = got.detach().float().cpu(), want.detach().float().cpu()
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    atol = torch.as_tensor(atol, dtype=torch.float32).cpu().expand_as(want)
     diff = (got - want).abs().nan_to_num(float("inf"))
     bad = ~((got - want).abs() <= atol + rtol * want.abs())  # ~(<=) also flags NaN
     if bad.any():
         worst = torch.unravel_index(torch.where(bad, diff, -1).argmax(), diff.shape)
         at = tuple(int(i) for i in worst)
         raise AssertionError(
-            f"{name}: {int(bad.sum())}/{bad.numel()} elements off (atol {atol:.3g}, rtol {rtol:.3g}); "
-            f"max abs diff {diff.max():.4g}; worst at {at}: got {got[worst]:.6g}, want {want[worst]:.6g}; "
-            f"max |want| {want.abs().max():.4g}; first bad at {bad.nonzero()[:5].tolist()}")
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements off (atol {atol[worst]:.3g} there, max "
+            f"{atol.max():.3g}; rtol {rtol:.3g}); max abs diff {diff.max():.4g}; worst at {at}: got "
+            f"{got[worst]:.6g}, want {want[worst]:.6g}; max |want| {want.abs().max():.4g}; "
+            f"first bad at {bad.nonzero()[:5].tolist()}")
 
 
-def tolerances(dtype):
-    # Values: every path upcasts the inputs exactly and sums in fp32, so only the summation order differs:
-    # fp32 level (1e-5) whatever the input dtype. Gradients of 16-bit inputs come back in that dtype, so
-    # ours and the reference's are each rounded once (1 ulp apart at most: eps relative; eps = 2^-7 bf16,
-    # 2^-10 fp16), and on the GPU the tensor-core operand dz is rounded too (error <= eps/2 * sum_j
-    # |dz_ij||W_jd|, of the order of eps/2 * max|grad|). Hence rtol = eps, atol = eps * max|grad|: bf16 0.8%,
-    # fp16 0.1%, taken from the format's precision rather than loosened until the test passes.
-    if dtype == torch.float32:
-        return (1e-5, 1e-5), lambda want: (1e-5, 1e-5)
-    eps = torch.finfo(dtype).eps
-    return (1e-5, 1e-5), lambda want: (eps * float(want.abs().max()), eps)
+def tolerances(h, w, t, grad, ignore_index, impl):
+    # -> atol of logp (N,), d_hidden (N, D), d_weight (V, D), and the gradients' rtol: per-element bounds
+    # from each path's arithmetic (kernels/README.md, "Precision"), not loosened until tests pass.
+    # Every path sums in fp32 (16-bit inputs are exact there). We take an fp32 sum to be within
+    # c32 = 1e-6 (16 u32: blocked summation of these sizes) of its sum of absolute values: the logits
+    # within e_ij = c32 (|h| @ |w|.T)_ij, so lse within max_j e_ij, logp within e_it + max_j e_ij, and each
+    # p_ij within a factor exp(+-E_ij), E_ij = e_ij + max_k e_ik. With Y the one-hot targets and
+    # S the sums of absolute terms of each gradient element (S_dh = |g| |Y - P| @ |W|,
+    # S_dw = |Y - P|.T @ |g h|), the gradients are within c32 S + (|g| P (e^E - 1)) @ |W| (d_hidden) and
+    # c32 S + (P (e^E - 1)).T @ |g h| (d_weight), and rtol 1e-5.
+    # 16-bit inputs, rounding x to them costing u |x| + eta (u = eps/2: 2^-8 bf16, 2^-11 fp16; eta: half
+    # the smallest subnormal), add:
+    #   - every path rounds dz (or P and g h) to 16 bits for its GEMMs, and a CPU GEMM also rounds its
+    #     output per chunk: at most 3 roundings per term, 3u S (+ eta per term); the result is rounded
+    #     once more: rtol u.
+    #   - the twin's logits are 16-bit GEMM outputs (logprobs_torch._logits): z - c rounded, error
+    #     u |z - c|, with c the 16-bit target logit zt in the forward and lse in the backward. So its lse,
+    #     and logp, are off by L_i = u (max_j |z_ij - zt_i| + u |zt_i|) more, and E_ij grows by
+    #     u (|z_ij - lse_i| + u |lse_i|) + L_i. Triton sums its logits in fp32.
+    c32 = 1e-6
+    h, w = h.detach().cpu().double(), w.detach().cpu().double()
+    valid = (t != ignore_index).cpu()
+    safe = torch.where(valid, t.cpu(), 0)[:, None]
+    g = torch.where(valid, grad.cpu().double(), 0.0).abs()[:, None]  # (N, 1) |g|
+    z = h @ w.T
+    lse = z.logsumexp(1, keepdim=True)
+    P = (z - lse).exp()
+    Y = torch.zeros_like(P).scatter_(1, safe, 1.0) * valid[:, None]
+    gh = g * h.abs()
+    S_dh, S_dw = g * ((Y - P).abs() @ w.abs()), (Y - P).abs().T @ gh
+    e = c32 * (h.abs() @ w.abs().T)
+    L = e.gather(1, safe) + e.amax(1, keepdim=True)  # (N, 1)
+    E = e + e.amax(1, keepdim=True)  # (N, V)
+    dh, dw, rtol = c32 * S_dh, c32 * S_dw, 1e-5
+    if h.dtype != torch.float32:
+        u, eta = torch.finfo(h.dtype).eps / 2, torch.finfo(h.dtype).tiny * torch.finfo(h.dtype).eps / 2
+        dh = dh + 3 * u * S_dh + eta * g * w.abs().sum(0)
+        dw = dw + 3 * u * S_dw + eta * gh.sum(0)
+        rtol = u
+        if impl == "torch":
+            zt = z.gather(1, safe)
+            L16 = u * ((z - zt).abs().amax(1, keepdim=True) + u * zt.abs())
+            L, E = L + L16, E + u * ((z - lse).abs() + u * lse.abs()) + L16
+    PE = P * E.expm1()
+    return L[:, 0] + 1e-6, dh + g * (PE @ w.abs()) + 1e-6, dw + PE.T @ gh + 1e-6, rtol
 
 
 def reference(h, w, t, ignore_index=-100):
@@ -56,10 +94,10 @@ def reference(h, w, t, ignore_index=-100):
     return torch.where(t == ignore_index, 0.0, logp)
 
 
-def make(n, d, v, dtype, ignore_every=0, ignore_index=-100, seed=0, device=DEV):
+def make(n, d, v, dtype, ignore_every=0, ignore_index=-100, seed=0, device=DEV, scale=3.0):
     g = torch.Generator(device).manual_seed(seed)
     h = torch.randn(n, d, generator=g, device=device)
-    w = torch.randn(v, d, generator=g, device=device) * (3.0 / d ** 0.5)  # logits of a few units
+    w = torch.randn(v, d, generator=g, device=device) * (scale / d ** 0.5)  # logits of ~scale units
     t = torch.randint(0, v, (n,), generator=g, device=device)
     if ignore_every:
         t[::ignore_every] = ignore_index
@@ -75,19 +113,20 @@ def check(impl, n, d, v, dtype, ignore_every=0, ignore_index=-100, **kw):
     got = fused_logprobs(h, w, t, ignore_index=ignore_index, impl=impl, **kw)
     got_dh, got_dw = torch.autograd.grad((got * grad).sum(), (h, w))
     assert got.dtype == torch.float32 and got_dh.dtype == dtype and got_dw.dtype == dtype
-    (atol, rtol), grad_tol = tolerances(dtype)
+    tol_logp, tol_dh, tol_dw, rtol = tolerances(h, w, t, grad, ignore_index, impl)
     tag = f"{impl} {dtype} N={n} D={d} V={v}"
-    assert_close(f"logp [{tag}]", got, want, atol, rtol)
-    assert_close(f"d_hidden [{tag}]", got_dh, want_dh.float(), *grad_tol(want_dh.float()))
-    assert_close(f"d_weight [{tag}]", got_dw, want_dw.float(), *grad_tol(want_dw.float()))
+    assert_close(f"logp [{tag}]", got, want, tol_logp, 1e-5)
+    assert_close(f"d_hidden [{tag}]", got_dh, want_dh, tol_dh, rtol)
+    assert_close(f"d_weight [{tag}]", got_dw, want_dw, tol_dw, rtol)
     ignored = t == ignore_index
     assert (got[ignored] == 0).all() and (got_dh[ignored] == 0).all(), "ignored rows must give 0 and no grad"
     return got
 
 
-# Tile sizes smaller than the problem, with remainders everywhere, so every loop and mask is exercised.
+# Tile sizes smaller than the problem, with remainders everywhere, so every loop and mask is exercised
+# (Triton: 2 forward splits of 512 columns, and backward chunks of one split, the last one 491 wide).
 SMALL_TILES = {"torch": dict(token_chunk=16, vocab_chunk=100),
-               "triton": dict(block_n=32, block_v=256, block_d=32, splits=3, group=2)}
+               "triton": dict(block_n=32, block_v=256, block_d=32, splits=3, group=2, chunk=512)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -123,6 +162,74 @@ def test_frozen_head_and_all_ignored(impl):
     logp = fused_logprobs(h, w, t, impl=impl)
     dh, = torch.autograd.grad(logp.sum(), h)
     assert (logp == 0).all() and (dh == 0).all()
+
+
+# Gradient filtering: chunks of 256 vocabulary columns in both paths (Triton: 4 splits of one block).
+FILTER_TILES = {"torch": dict(token_chunk=16, vocab_chunk=256),
+                "triton": dict(block_n=32, block_v=256, block_d=32, splits=4, group=2, chunk=256)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_filtering(impl, dtype):
+    # Peaked logits, as a trained LM's: most (row, chunk) pairs hold almost no probability.
+    n, v, width = 67, 1003, 256
+    h, w, t, grad = make(n, 48, v, dtype, ignore_every=5, scale=40.0)
+    valid, safe = t != -100, t.clamp(min=0)
+    mod = {"torch": logprobs_torch, "triton": kernels.logprobs_triton}[impl]
+    _, lse, part = mod.forward(h.detach(), w.detach(), t, **FILTER_TILES[impl])  # what the backward reads
+    keep = logprobs_torch.keep_mask(part, lse, safe, valid, width, v, dtype).cpu()  # (N, 4)
+    # keep is the criterion: the same pairs as from exact logits, bar those whose log-mass is within the
+    # forward's error (2 L_i, see tolerances) of the threshold
+    z = h.detach().cpu().double() @ w.detach().cpu().double().T
+    logmass = torch.stack([z[:, j:j + width].logsumexp(1) for j in range(0, v, width)], 1) - z.logsumexp(1)[:, None]
+    u = torch.finfo(dtype).eps / 2
+    exact = valid.cpu()[:, None] & (((safe.cpu() // width)[:, None] == torch.arange(4)) | (logmass.exp() >= u))
+    err = 2 * torch.as_tensor(tolerances(h, w, t, grad, -100, impl)[0]).expand(n)[:, None]
+    clear = (logmass - math.log(u)).abs() > err
+    assert (keep == exact)[clear].all() and clear.float().mean() > 0.9, clear.float().mean()
+    assert 0.3 < 1 - keep.float().mean() < 1, keep.float().mean()  # most pairs skipped, not all
+
+    stats = {}
+    got = fused_logprobs(h, w, t, impl=impl, filter=True, stats=stats, **FILTER_TILES[impl])
+    got_dh, got_dw = torch.autograd.grad((got * grad).sum(), (h, w))
+    cols = torch.tensor([256.0, 256, 256, 235])
+    assert stats["skipped"] == pytest.approx(float((~keep).float().sum(0) @ cols) / (n * v))
+    assert_close("logp (filtered)", got, reference(h, w, t), tolerances(h, w, t, grad, -100, impl)[0], 1e-5)
+
+    # the same maths: dz = g (Y - P) with the P of the skipped (row, chunk) pairs set to 0
+    def grads(kept):
+        P = (z - z.logsumexp(1, keepdim=True)).exp() * kept.repeat_interleave(cols.long(), 1)
+        Y = torch.zeros_like(P).scatter_(1, safe.cpu()[:, None], 1.0)
+        dz = torch.where(valid.cpu(), grad.cpu().double(), 0.0)[:, None] * (Y - P)
+        return dz @ w.detach().cpu().double(), dz.T @ h.detach().cpu().double()
+    want_dh, want_dw = grads(keep)
+    _, tol_dh, tol_dw, rtol = tolerances(h, w, t, grad, -100, impl)
+    assert_close(f"d_hidden (filtered) [{impl} {dtype}]", got_dh, want_dh, tol_dh, rtol)
+    assert_close(f"d_weight (filtered) [{impl} {dtype}]", got_dw, want_dw, tol_dw, rtol)
+    # ... and why it is off by default: not exact to the output dtype. Elements of d_weight lose more
+    # than their own rounding error (columns whose gradient came mostly from skipped pairs).
+    full_dh, full_dw = grads(torch.ones_like(keep))
+    lost = (got_dw.cpu().double() - full_dw).abs() > tol_dw + 2 * rtol * full_dw.abs()
+    assert lost.any()
+
+
+def test_bf16_logprobs_vs_fp32():
+    # What bf16 compute changes in the log-probs a model scores (issue 9): hidden states and head rounded
+    # to bf16 by the precision policy, then the twin's bf16 GEMMs, against fp32 inputs and fp32 maths.
+    # Rounding both inputs moves each logit by at most A_ij = (2u + u^2) sum_d |h_id| |w_jd|, so
+    # logp = z_t - lse moves by at most A_it + max_j A_ij (lse is 1-Lipschitz in the max norm), plus the
+    # twin's own bf16 error on the rounded inputs (tolerances: L_i).
+    h, w, t, grad = make(67, 48, 1003, torch.float32, ignore_every=5)
+    want = fused_logprobs(h, w, t, impl="torch")
+    h16, w16 = h.detach().bfloat16(), w.detach().bfloat16()
+    got = fused_logprobs(h16, w16, t, impl="torch")
+    u = 2.0 ** -8
+    A = (2 * u + u * u) * (h.detach().abs().double() @ w.detach().abs().double().T)
+    bound = A.gather(1, t.clamp(min=0)[:, None])[:, 0] + A.amax(1) + tolerances(h16, w16, t, grad, -100,
+                                                                                "torch")[0]
+    assert_close("logp bf16 vs fp32", got, want, torch.where(t == -100, 0.0, bound), 0.0)
+    assert (got - want).abs().max() > 1e-4  # the inputs did change: the bound is what is tested
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU: realistic sizes")

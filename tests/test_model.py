@@ -1,6 +1,7 @@
 # model.py against transformers' own implementation, on tiny random checkpoints of each family.
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_sliding_window_is_applied(checkpoints):
         assert (ours(x) - hf_logits(hf, x)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_bf16_close_to_transformers(checkpoints, kind):
     path, hf = checkpoints[kind]
     ours = Transformer.from_pretrained(path, dtype=torch.bfloat16)
@@ -52,9 +53,10 @@ def test_bf16_close_to_transformers(checkpoints, kind):
     assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()
 
 
-def test_padding_mask_left_and_right(checkpoints):
+@pytest.mark.parametrize("kind", ["mistral", "qwen3"])
+def test_padding_mask_left_and_right(checkpoints, kind):
     # A padded row must give the same logits as the row alone, padded on either side.
-    path, _ = checkpoints["mistral"]
+    path, _ = checkpoints[kind]
     ours = Transformer.from_pretrained(path)
     x, n, pad = tokens(B=1, T=14), 14, 5
     with torch.no_grad():
@@ -75,15 +77,17 @@ def test_hidden_and_target_logprobs(checkpoints):
     with torch.no_grad():
         h = ours(x, hidden=True)
         ref = hf(x, output_hidden_states=True).hidden_states[-1]  # HF's last entry is after the norm
-        logp = ours(x[:, :-1], targets=x[:, 1:])
+        y = x[:, 1:]
+        logp = ours(x[:, :-1], targets=(torch.arange(y.numel()), y.flatten())).view(y.shape)
         full = torch.log_softmax(ours(x[:, :-1]).float(), -1).gather(-1, x[:, 1:, None])[..., 0]
     assert (h - ref).abs().max() < 1e-4
     assert logp.shape == (2, 11) and (logp - full).abs().max() < 1e-4
 
 
-def test_kv_cache_matches_uncached(checkpoints):
+@pytest.mark.parametrize("kind", ["mistral", "qwen3"])
+def test_kv_cache_matches_uncached(checkpoints, kind):
     # Prefill 7 tokens then decode the rest one at a time: the same logits as one uncached pass.
-    path, _ = checkpoints["mistral"]
+    path, _ = checkpoints[kind]
     ours = Transformer.from_pretrained(path)
     x = tokens(T=16)
     cache = KVCache(ours.config, batch=2, max_len=24)
@@ -109,7 +113,7 @@ def test_grad_checkpointing_same_gradients(checkpoints):
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3_tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3_tied", "qwen2", "qwen3"])
 def test_save_pretrained_loads_in_transformers(checkpoints, tmp_path, kind):
     path, hf = checkpoints[kind]
     ours = Transformer.from_pretrained(path)
@@ -157,7 +161,11 @@ def one_line_error(exc_info, *needles):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         Transformer.from_pretrained(tmp_path / "nope")
-    one_line_error(e, "nope/config.json", "not found")
+    one_line_error(e, "nope: not found", "neither a checkpoint folder, a .gguf file nor a hub id")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError) as e:  # a folder, but not a checkpoint
+        Transformer.from_pretrained(tmp_path / "empty")
+    one_line_error(e, "empty/config.json: not found")
 
 
 def test_truncated_safetensors(tmp_path):
@@ -208,3 +216,31 @@ def test_old_style_rope_keys():
              num_attention_heads=2, rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
     cfg = Config.from_dict(d)
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling["rope_type"] == "linear" and cfg.head_dim == 4
+
+
+# ----- Qwen3: what it adds (q/k norms, explicit head_dim, optional biases) and what it refuses -----
+
+def test_qwen3_attention_bias_and_norm_weights(tmp_path):
+    hf = build_checkpoint(tmp_path, "qwen3", attention_bias=True)
+    ours = Transformer.from_pretrained(tmp_path)
+    attn = ours.model.layers[1].self_attn
+    assert attn.q_norm.weight.shape == (24,) and attn.o_proj.bias is not None  # HF's names and shapes
+    x = tokens(T=12)
+    with torch.no_grad():
+        assert (ours(x) - hf_logits(hf, x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(use_sliding_window=True), "use_sliding_window"),
+    (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+    (dict(head_dim=None), "missing key 'head_dim'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "'yarn'"),
+    (dict(attention_dropout=0.1), "attention_dropout"),
+])
+def test_qwen3_refuses_what_it_would_mis_handle(checkpoints, tmp_path, change, needle):
+    path = tmp_path / "q3"
+    shutil.copytree(checkpoints["qwen3"][0], path)
+    edit_config(path, **change)
+    with pytest.raises(ValueError) as e:
+        Transformer.from_pretrained(path)
+    one_line_error(e, "q3/config.json", needle)

@@ -69,7 +69,8 @@ def setup(tmp_path_factory):
 def args(root, out, *extra):
     return ["--model", str(root / "ckpt"), "--data", str(root / "data.jsonl"), "--out", str(root / out),
             "--iterations=2", "--epochs=1", "--batch_size=4", "--max_new_tokens=8", "--lr=1e-4",
-            "--gen_batch_size=3", "--score_batch_size=3", "--seed=7", *extra]
+            "--gen_batch_size=3", "--micro_batch_tokens=64", "--seed=7", "--compute_dtype=float32",
+            "--cut_samples=keep", *extra]
 
 
 def run(cmd, **kw):
@@ -88,7 +89,7 @@ def rows(file):
 
 @pytest.fixture(scope="module")
 def one_process(setup):
-    r = run([sys.executable, "spin.py", *args(setup, "one", "--num_eval=2", "--grad_accum=2")])
+    r = run([sys.executable, "spin.py", *args(setup, "one", "--num_eval=2", "--micro_batch_tokens=40")])
     assert r.returncode == 0, r.stderr[-3000:]
     return setup / "one"
 
@@ -106,7 +107,9 @@ def test_loop_outputs_and_learning(setup, one_process):
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert [r["iter"] for r in steps] == [0, 0, 1, 1, 1, 1]  # iteration 1 also trains on iteration 0's pairs
     ev = rows(out / "eval.jsonl")
-    assert [r["point"] for r in ev] == [0, 1, 2] and ev[0]["acc"] is None and ev[2]["acc"] is not None
+    assert [(r["iter"], r["epoch"], r["chosen"]) for r in ev] == [(0, 0, False), (0, 1, True), (1, 0, False),
+                                                                  (1, 1, True)]
+    assert ev[0]["acc"] is None and ev[1]["acc"] is not None and ev[2]["nll_real"] == ev[1]["nll_real"]
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "model")  # a normal checkpoint
     assert hf.config.vocab_size == 307
@@ -134,7 +137,7 @@ def test_two_processes_match_one(setup, one_process):
 
 def test_kill_and_resume_gives_the_same_result(setup, one_process):
     out = setup / "resumed"
-    cmd = [sys.executable, "spin.py", *args(setup, "resumed", "--num_eval=2", "--grad_accum=2")]
+    cmd = [sys.executable, "spin.py", *args(setup, "resumed", "--num_eval=2", "--micro_batch_tokens=40")]
     p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not os.path.exists(out / "iter1" / "generated.jsonl") and p.poll() is None:
@@ -151,7 +154,7 @@ def test_kill_and_resume_gives_the_same_result(setup, one_process):
     ours, ref = ([r for r in rows(o / "metrics.jsonl") if "step" in r] for o in (out, one_process))
     assert [(r["iter"], r["step"]) for r in ours] == [(r["iter"], r["step"]) for r in ref]  # no duplicates
     assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(ours, ref))
-    assert [r["point"] for r in rows(out / "eval.jsonl")] == [0, 1, 2]
+    assert rows(out / "eval.jsonl") == rows(one_process / "eval.jsonl")
     r = run(cmd)  # a third run finds everything done
     assert r.returncode == 0 and "complete" in r.stdout
 
@@ -185,3 +188,117 @@ def test_default_run_settings():
     cfg = parse_config(["--num_prompts=5"])
     assert cfg.model.endswith(".gguf") and cfg.data.endswith(".json") and cfg.first_turn and cfg.drop_long
     assert cfg.num_prompts == 5 and cfg.num_eval > 0
+
+
+# ----- per-epoch evaluation, the stop rule, cut samples, bf16 -----
+
+def test_stop_rule_by_hand():
+    from spin import Config, stop_rule
+    cfg = Config(select_epoch=True, patience=2, stop_margin=0.01)
+
+    def r(t, e, nll, chosen=False):
+        return {"iter": t, "epoch": e, "nll_real": nll, "chosen": chosen}
+    rows = [r(0, 0, 2.0), r(0, 1, 1.9, True), r(0, 2, 1.95),       # gains 0.1: improving
+            r(1, 0, 1.9), r(1, 1, 1.895, True),                      # gains 0.005 < 0.01: bad 1
+            r(2, 0, 1.895), r(2, 1, 1.85, True)]                     # gains 0.05 on the best: bad 0
+    assert not stop_rule(rows, cfg)
+    rows += [r(3, 0, 1.85, True), r(3, 1, 1.9)]                      # epoch 0 kept: bad 1
+    assert not stop_rule(rows, cfg)
+    rows += [r(4, 0, 1.85), r(4, 1, 1.849, True)]                    # bad 2 = patience: stop
+    assert stop_rule(rows, cfg)
+    cfg.select_epoch = False                                         # the rule is off by default
+    assert not stop_rule(rows, cfg)
+
+
+def test_cut_samples_are_dropped_or_kept(setup, tmp_path):
+    # A generated answer cut at max_new_tokens ends mid-sentence, the real one properly: "drop" (the
+    # default) leaves such pairs out, so the loss cannot learn "unfinished = generated"; "keep" = the paper.
+    from data import Tokenizer
+    from spin import Config, training_groups, write_jsonl
+    chat = [{"role": "user", "content": "What is 2 plus 2?"}]
+    os.makedirs(tmp_path / "iter0")
+    write_jsonl(str(tmp_path / "iter0" / "generated.jsonl"), [
+        {"real": chat + [{"role": "assistant", "content": "4."}],
+         "generated": chat + [{"role": "assistant", "content": f"It is {i} and"}], "cut": i % 2 == 0}
+        for i in range(5)])
+    tok = Tokenizer.from_pretrained(str(setup / "ckpt"))
+    assert len(training_groups(tok, Config(out=str(tmp_path)), 0)) == 2
+    assert len(training_groups(tok, Config(out=str(tmp_path), cut_samples="keep"), 0)) == 5
+
+
+def test_stop_rule_keeps_epoch_zero_and_ends_the_run(setup):
+    # A deterministic case: with beta < 0 training moves AWAY from the human answers, so held-out
+    # nll_real gets worse every epoch: the rule must keep epoch 0 (iteration 0's model = the start model,
+    # restored from its snapshot) and end the run; a re-run says so and trains nothing.
+    cmd = [sys.executable, "spin.py", *args(setup, "stop", "--iterations=3", "--epochs=2", "--num_eval=2",
+                                            "--beta=-1", "--lr=1e-2", "--select_epoch=true")]
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = rows(setup / "stop" / "eval.jsonl")
+    assert [(x["iter"], x["epoch"]) for x in ev] == [(0, 0), (0, 1), (0, 2)]
+    assert ev[1]["nll_real"] > ev[0]["nll_real"] and ev[2]["nll_real"] > ev[0]["nll_real"]
+    assert [x["chosen"] for x in ev] == [True, False, False] and "stop rule" in r.stdout
+    start = load_file(setup / "ckpt" / "model.safetensors")
+    assert all(torch.equal(v, start[k]) for k, v in weights(setup / "stop", 0).items())
+    assert not os.path.exists(setup / "stop" / "iter1")
+    r = run(cmd)
+    assert r.returncode == 0 and "the stop rule ended this run after iteration 0" in r.stdout
+
+
+def bf16_args(setup, out, *extra):
+    return [*args(setup, out, "--num_eval=2", "--compute_dtype=bfloat16", *extra)]
+
+
+@pytest.fixture(scope="module")
+def bf16_select(setup):
+    # bf16 compute (forcible on any CPU), per-epoch evaluation and the stop rule on, uninterrupted.
+    r = run([sys.executable, "spin.py", *bf16_args(setup, "bf16_sel", "--epochs=2", "--select_epoch=true")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return setup / "bf16_sel"
+
+
+def test_bf16_first_step_and_per_epoch_rows(bf16_select):
+    steps = [r for r in rows(bf16_select / "metrics.jsonl") if "step" in r]
+    # Scoring and training compute in the same precision and the same per-document attention, so at the
+    # first step the policy still equals its reference: the margin is 0 up to bf16 summation noise.
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-3 and abs(steps[0]["rewards/margins"]) < 2e-3
+    ev = rows(bf16_select / "eval.jsonl")
+    assert [(r["iter"], r["epoch"]) for r in ev] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    for t in (0, 1):  # the kept row is the iteration's best held-out nll_real, epoch 0 included
+        its = [r for r in ev if r["iter"] == t]
+        assert [r["chosen"] for r in its].count(True) == 1
+        assert next(r for r in its if r["chosen"])["nll_real"] == min(r["nll_real"] for r in its)
+    assert ev[3]["nll_real"] == next(r for r in ev[:3] if r["chosen"])["nll_real"]
+
+
+def test_bf16_kill_mid_epoch_and_resume_with_the_rule_on(setup, bf16_select):
+    out = setup / "bf16_resumed"
+    cmd = [sys.executable, "spin.py", *bf16_args(setup, "bf16_resumed", "--epochs=2", "--select_epoch=true")]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and not (os.path.exists(out / "eval.jsonl") and
+                                    any(r["iter"] == 1 and r["epoch"] == 1 for r in rows(out / "eval.jsonl"))):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # in iteration 1, between its first and its second epoch
+    p.wait()
+    assert not os.path.exists(out / "iter1" / "model")
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for t in (0, 1):  # bf16 compute, fp32 master weights: a re-run is still bit for bit the same
+        a, b = weights(bf16_select, t), weights(out, t)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert rows(out / "eval.jsonl") == rows(bf16_select / "eval.jsonl")
+
+
+def test_bf16_two_processes_match_one(setup):
+    one, two = setup / "bf16_one", setup / "bf16_two"
+    r = run([sys.executable, "spin.py", *bf16_args(setup, "bf16_one")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+             "spin.py", *bf16_args(setup, "bf16_two")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for t in (0, 1):
+        assert rows(one / f"iter{t}" / "generated.jsonl") == rows(two / f"iter{t}" / "generated.jsonl")
+        a, b = weights(one, t), weights(two, t)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < 1e-5, f"iteration {t}: max weight difference {worst:.2e}"

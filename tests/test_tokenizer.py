@@ -1,5 +1,6 @@
 # data.Tokenizer against transformers' AutoTokenizer: same ids for text and for chat templates.
 import json
+import os
 
 import pytest
 import transformers
@@ -96,3 +97,61 @@ def test_save_pretrained_roundtrip(tmp_path):
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json: not found"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# ----- Qwen3's template: thinking switch, reasoning in history, tool turns -----
+
+# Qwen3's chat template, transcribed from its checkpoints' tokenizer_config.json (Qwen3-8B).
+QWEN3 = open(os.path.join(os.path.dirname(__file__), "qwen3_chat_template.jinja")).read().rstrip("\n")
+# transformers passes enable_thinking=False into the template; here the same switch is a template that
+# sets it (what --chat_template FILE takes): Tokenizer.render passes no extra template variables.
+NO_THINKING = "{%- set enable_thinking = false %}\n" + QWEN3
+QWEN3_CHATS = CHATS + [
+    # earlier answers with reasoning: the template drops it before the last query, keeps it after
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+     {"role": "user", "content": "and 3+3?"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+         "name": "weather", "arguments": {"city": "Paris", "unit": "°C"}}}]},
+     {"role": "tool", "content": "{\"temp\": 21}"}, {"role": "tool", "content": "sunny"},
+     {"role": "assistant", "content": "<think>\nread it\n</think>\n\n21 °C, sunny."}],
+]
+
+
+def qwen3_tokenizer(path):
+    hf = build_tokenizer(path, QWEN3)
+    hf.add_tokens(["<think>", "</think>"])  # plain added tokens in Qwen3 (matched whole, not special)
+    hf.save_pretrained(path)
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_qwen3_template_ids_equal_transformers(tmp_path, thinking):
+    qwen3_tokenizer(tmp_path)
+    (tmp_path / "no_thinking.jinja").write_text(NO_THINKING)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer.from_pretrained(tmp_path, str(tmp_path / "no_thinking.jinja") if thinking is False
+                                     else None)
+    kw = {} if thinking is None else {"enable_thinking": thinking}
+    for chat in QWEN3_CHATS:
+        for gen in (False, True):
+            want = ref.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True,
+                                           return_dict=False, **kw)
+            got = ours.apply_chat_template(chat, add_generation_prompt=gen)
+            assert got == list(want), f"thinking={thinking} gen={gen}: {ours.decode(got, False)!r}"
+    assert ours.token_id("<think>") is not None and ours.encode("<think>") == [ours.token_id("<think>")]
+    if thinking is False:  # the switch does something: the prompt ends with an empty thinking block
+        assert ours.apply_chat_template(CHATS[0], True, tokenize=False).endswith("<think>\n\n</think>\n\n")
+
+
+def test_qwen3_real_answer_extends_the_generation_prompt(tmp_path):
+    # What SPIN trains on: with thinking on (the default), a real answer is rendered after an empty
+    # thinking block, which is part of the answer's tokens; with it off, the block is in the prompt.
+    from data import encode_answer
+    qwen3_tokenizer(tmp_path)
+    (tmp_path / "no_thinking.jinja").write_text(NO_THINKING)
+    prompt = [{"role": "user", "content": "Name 3 primes."}]
+    for template, shown in ((None, "<think>\n\n</think>\n\n2, 3, 5."), (NO_THINKING, "2, 3, 5.")):
+        tok = Tokenizer.from_pretrained(tmp_path, template and str(tmp_path / "no_thinking.jinja"))
+        p, r = encode_answer(tok, prompt, "2, 3, 5.")
+        assert tok.decode(r) == shown and r[-1] == tok.token_id("<|im_end|>")

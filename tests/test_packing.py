@@ -1,0 +1,107 @@
+# Packed pairs ([prompt | real | generated], whole pairs per row) against each sequence alone: the same
+# log p(answer | prompt) and the same gradients, for every family; answers never see each other.
+import pytest
+import torch
+
+from data import pack
+from model import Transformer
+from spin import micro_batches
+
+# Mistral's window is 8 positions: every group below is longer, so the window must count positions of the
+# pair (an answer continues from its prompt's end), not slots of the packed row.
+SIZES = [(5, [7, 3]), (12, [1, 9]), (3, [14, 6]), (9, [4, 4]), (1, [2, 11])]  # prompt, answer lengths
+
+
+def groups(seed=0, V=307):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(0, V, (n,), generator=g).tolist()  # noqa: E731
+    return [(ids(p), [ids(a) for a in answers]) for p, answers in SIZES]
+
+
+def alone(model, groups):
+    # (G, A) log p(answer | prompt), each sequence in its own plain forward with the full logits
+    out = []
+    for p, answers in groups:
+        row = []
+        for r in answers:
+            x = torch.tensor([p + r])
+            logp = torch.log_softmax(model(x).float(), -1)[0, len(p) - 1:-1]
+            row.append(logp.gather(-1, torch.tensor(r)[:, None]).sum())
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
+def packed(model, groups, rows):
+    tokens, layout, targets, owner = pack(groups, rows, pad_id=0)
+    logp = model(tokens, layout=layout, targets=targets)
+    A = len(groups[0][1])
+    return torch.zeros(len(groups) * A).index_add(0, owner, logp).view(-1, A)
+
+
+ROWS = [[2, 0], [1], [4, 3]]  # three rows, two of them holding two groups, ragged: padding at the ends
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3_tied"])
+def test_packed_equals_alone_with_gradients(checkpoints, kind):
+    # fp32; sums of up to 20 token log-probs agree to ~1e-6 (summation order only): 1e-4 is loose.
+    gs = groups()
+    m1, m2 = (Transformer.from_pretrained(checkpoints[kind][0]) for _ in range(2))
+    ref, ours = alone(m1, gs), packed(m2, gs, ROWS)
+    assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
+    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))  # any loss of the sums
+    (ref * w).sum().backward()
+    (ours * w).sum().backward()
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters()):
+        err = (a.grad - b.grad).abs().max() / a.grad.abs().max()
+        assert err < 1e-4, f"{kind} {name}: relative gradient difference {err:.2e}"
+
+
+def test_generated_answer_never_sees_the_real_one(checkpoints):
+    model, gs = Transformer.from_pretrained(checkpoints["mistral"][0]), groups()
+    with torch.no_grad():
+        before = packed(model, gs, ROWS)
+        changed = [(p, [[(t + 1) % 307 for t in r], g]) for p, (r, g) in gs]  # other real answers
+        after = packed(model, changed, ROWS)
+    assert (after[:, 1] - before[:, 1]).abs().max() < 1e-6   # the generated side did not move
+    assert (after[:, 0] - before[:, 0]).abs().min() > 1e-3   # the real side did (the test can fail)
+
+
+def test_row_composition_does_not_matter(checkpoints):
+    # One group per row, all in one row, or mixed: the same numbers (no pair attends to another).
+    model, gs = Transformer.from_pretrained(checkpoints["qwen2"][0]), groups()
+    with torch.no_grad():
+        a = packed(model, gs, [[i] for i in range(len(gs))])
+        b = packed(model, gs, [list(range(len(gs)))])
+        c = packed(model, gs, ROWS)
+    assert (a - b).abs().max() < 1e-4 and (a - c).abs().max() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_path_equals_dense(checkpoints):
+    # The CUDA path (FlexAttention + BlockMask from the same rule) run eagerly on CPU.
+    model, gs = Transformer.from_pretrained(checkpoints["mistral"][0]), groups()
+    with torch.no_grad():
+        dense = packed(model, gs, ROWS)
+        model.flex = True
+        flex = packed(model, gs, ROWS)
+    assert (dense - flex).abs().max() < 1e-4
+
+
+def test_pack_layout_by_hand():
+    tokens, (pos, doc, branch), (index, ids), owner = pack([([1, 2], [[3, 4], [5]]), ([6], [[7], [8, 9]])],
+                                                           [[0], [1]], pad_id=0)
+    assert tokens.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert pos.tolist()[0] == [0, 1, 2, 3, 2]             # the second answer restarts after the prompt
+    assert branch.tolist() == [[0, 0, 1, 1, 2], [0, 1, 2, 2, 0]]
+    assert doc[0].tolist() == [1] * 5 and doc[1, :4].tolist() == [1] * 4 and doc[1, 4] < 0  # padding
+    # answer [3, 4] predicted at positions 1, 2; [5] at 1 (the prompt's last, shared); [7] at 5 + 0, ...
+    assert index.tolist() == [1, 2, 1, 5, 5, 7] and ids.tolist() == [3, 4, 5, 7, 8, 9]
+    assert owner.tolist() == [0, 0, 1, 2, 3, 3]
+
+
+def test_micro_batches_hold_every_group_once_within_budget():
+    lengths = [30, 7, 19, 25, 3, 12, 30, 8, 41]
+    rows = micro_batches(lengths, range(len(lengths)), budget=30)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    # first-fit decreasing: 41 alone (longer than the budget), 30 | 30 | 25 + 3 | 19 + 8 | 12 + 7
+    assert rows == [[8], [0], [6], [3, 4], [2, 7], [5, 1]]
