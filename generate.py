@@ -228,14 +228,15 @@ def make_step(sampling, cache, compile):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             seed=None, seeds=None, return_logprobs=False, pool=None, refill=True, compile=False,
+             seed=None, seeds=None, return_logprobs=False, pool=None, refill=1 / 8, compile=False,
              prefill_tokens=8192, on_token=None, progress=None):
     """prompts: token-id lists of any lengths. Returns, per prompt, its new tokens up to and including the
     first stop id; with return_logprobs, (tokens, log-probs) pairs: each token's log-prob under the
     sampling distribution (at temperature 1, top-p 1, top-k 0, the model's own). temperature 0: greedy.
     seeds: one int per prompt; by default derived from `seed` and the prompt's tokens (seed None: drawn
     from torch's generator). pool: cache rows decoded together (default: what pool_size's memory budget
-    holds). refill=False: static batching, new prompts only once the pool has drained. compile: the
+    holds). refill: the share of the pool that must be free before waiting prompts are prefilled into it
+    (1: static batching, new prompts only once the pool has drained). compile: the
     decode step through torch.compile and CUDA graphs (CUDA only; on CPU it was 2.4x slower, minutes to
     build). prefill_tokens: tokens per prefill forward at most. on_token(i, token) sees each new token
     of prompt i as it comes (streaming); progress: a label for a progress bar over prompts.
@@ -256,17 +257,20 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
 
 def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill, compile, budget,
              on_token, progress, toks, lps):
-    # Fills toks[i], lps[i] for every prompt. Each row's state lives on the host (which prompt, tokens
-    # held, draws made) and goes to the device once per step; the device step never sees a new shape.
+    # Fills toks[i], lps[i] for every prompt. Every row's state lives on the host (its prompt, the tokens
+    # its cache holds, its last token) and goes to the device once per step.
     w = model.lm_weight  # gathered: the full weight, in the dtype forwards compute in
     max_len = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
     S = min(len(prompts), pool or pool_size(model.config, max_len, w.dtype, w.device))
     cache = KVCache(model.config, S, max_len, w.dtype, w.device)
     compiled = compile and w.device.type == "cuda"
     step = make_step(sampling, cache, compiled)
-    state = torch.zeros(5, S, dtype=torch.long, device=w.device)  # last token, position, key (2), draws
     owner, held, last = [None] * S, [0] * S, [0] * S  # per row: its prompt, tokens in the cache, last token
-    waiting, bar = deque(range(len(prompts))), tqdm(total=len(prompts), desc=progress, disable=not progress)
+    keys, waiting = keys.tolist(), deque(range(len(prompts)))
+    bar = tqdm(total=len(prompts), desc=progress, disable=not progress)
+    # A prefill forward reads every weight whatever its size: refilling rows one by one as they free up
+    # costs more than letting a few wait (measured here: 20% slower at a pool of 32 on CPU).
+    threshold = max(1, round(refill * S))
 
     def emit(r, t, lp):  # row r produced token t: record it, free the row if its answer is complete
         i = owner[r]
@@ -281,26 +285,41 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
 
     while waiting or any(o is not None for o in owner):
         free = [r for r in range(S) if owner[r] is None]
-        if waiting and free and (refill or len(free) == S):
+        if waiting and len(free) >= threshold:
             rows = free[:len(waiting)]
             idx = [waiting.popleft() for _ in rows]
             logits = prefill(model, cache, rows, [prompts[i] for i in idx], budget)
-            tok, lp = sample(logits, uniforms(keys[idx].to(w.device), state.new_zeros(len(idx))), *sampling)
-            state[2:4, rows] = keys[idx].T.to(w.device)
-            for r, i, t, l in zip(rows, idx, tok.tolist(), lp.tolist()):
+            u = uniforms(torch.tensor([keys[i] for i in idx], device=w.device),
+                         torch.zeros(len(idx), dtype=torch.long, device=w.device))        # draw 0
+            for r, i, t, lp in zip(rows, idx, *(x.tolist() for x in sample(logits, u, *sampling))):
                 owner[r], held[r] = i, len(prompts[i])
-                emit(r, t, l)
+                emit(r, t, lp)
             continue  # a row that stopped at its first token is refilled before the pool decodes
         live = [r for r in range(S) if owner[r] is not None]
+        if not waiting and 2 * len(live) <= S and not compiled:
+            # Drained to half with nothing left to refill: go on with the live rows only (on CPU a step's
+            # cost follows its rows; a compiled step keeps its one shape).
+            cache = keep_rows(model, cache, live, max(held[r] for r in live))
+            owner, held, last = ([x[r] for r in live] for x in (owner, held, last))
+            S, live = len(live), range(len(live))
         cache.length = span(max(held[r] for r in live) + 1, max_len, compiled)
-        state[[0, 1, 4]] = torch.tensor([last, held, [len(toks[o]) if o is not None else 0 for o in owner]],
-                                        device=w.device)
+        k = [keys[o] if o is not None else (0, 0) for o in owner]
+        state = torch.tensor([last, held, [len(toks[o]) if o is not None else 0 for o in owner], *zip(*k)],
+                             device=w.device)                  # (5, S): last token, position, draws, key
         cache.pos.copy_(state[1])
-        tok, lp = (x.tolist() for x in step(model, cache, state[0], state[2:4].T, state[4]))
+        tok, lp = (x.tolist() for x in step(model, cache, state[0], state[3:].T, state[2]))
         for r in live:
             held[r] += 1
             emit(r, tok[r], lp[r])
     bar.close()
+
+
+def keep_rows(model, cache, rows, n):
+    # A cache of just `rows`, holding their first n slots.
+    small = KVCache(model.config, len(rows), cache.k.shape[3], cache.k.dtype, cache.k.device)
+    idx = torch.tensor(rows, device=cache.k.device)
+    small.k[:, :, :, :n], small.v[:, :, :, :n] = cache.k[:, idx, :, :n], cache.v[:, idx, :, :n]
+    return small
 
 
 # ----- command line: stream one answer -----

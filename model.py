@@ -429,8 +429,9 @@ def resolve_model(path):
     if os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path)):
         return path
     if os.path.exists(path) or not HUB_ID.fullmatch(path):
-        raise FileNotFoundError(f"{path}: {'' if os.path.exists(path) else 'not found: '}neither a checkpoint "
-                                f"folder, a .gguf file nor a hub id (org/name or org/name@revision)")
+        found = "" if os.path.exists(path) else "not found: "
+        raise FileNotFoundError(f"{path}: {found}neither a checkpoint folder, a .gguf file nor a hub id "
+                                f"(org/name or org/name@revision)")
     return hub_snapshot(path, "model", MODEL_FILES)
 
 

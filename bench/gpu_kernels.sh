@@ -1,16 +1,43 @@
 #!/usr/bin/env bash
-# GPU check of kernels/ (H100, no internet): the kernel tests compiled for the GPU (no interpreter), then
-# naive vs fused vs the PyTorch twin, time and peak memory, in bf16 at SmolLM2's and Llama-3's head sizes
-# and in fp32. Each step has its own timeout so the whole script stays under 4 minutes.
-# Usage: bash bench/gpu_kernels.sh
+# GPU check of kernels/ in one 15-minute device window (H100/H200, no internet), issue 14's numbers first:
+# bf16 forward + backward at Llama 3's head (D=4096, V=128256) and SmolLM2's (D=576, V=49152), 4096 tokens,
+# time and peak memory of the naive path, the fused kernel, its forward alone, the filtered backward and the
+# old kernel (atomics backward), in the same run; then the kernel tests compiled for the GPU, fp32, and a
+# short sweep of the backward's tile sizes at the Llama 3 shape. Each step has its own timeout; all of them
+# together stay under ~10 minutes.
+# Usage: bash bench/gpu_kernels.sh              on the GPU
+#        bash bench/gpu_kernels.sh --cpu-smoke  the same steps on CPU, Triton's interpreter, tiny shapes:
+#                                               run it before a GPU session so the script works first time
 set -u
 cd "$(dirname "$0")/.."
-unset TRITON_INTERPRET
-pip list 2>/dev/null | grep -i -E 'torch|triton'
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch, kernels; print('cuda', torch.cuda.is_available(), 'triton path', kernels.TRITON_CUDA)"
 step() { local t=$1; shift; echo "== $*"; timeout "$t" "$@" || echo "== exit $? (124 = timed out): $*"; }
-step 80 python -m pytest -q -p no:cacheprovider -rs --durations=5 tests/test_kernels.py
-step 30 python bench/bench_logprobs.py --device cuda --dtype bf16
-step 45 python bench/bench_logprobs.py --device cuda --dtype bf16 --dim 4096 --vocab 128256
-step 30 python bench/bench_logprobs.py --device cuda --dtype fp32
+PATHS="--paths naive,fused,fwd,filtered,old"
+if [ "${1:-}" = "--cpu-smoke" ]; then
+  export TRITON_INTERPRET=1
+  DEV="--device cpu --repeats 1"
+  LLAMA="--tokens 96 --dim 64 --vocab 1500"
+  SMOL="--tokens 64 --dim 32 --vocab 1000"
+  TESTS=(-k "triton and (odd_shapes or filtering)")
+  S=0.2  # timeouts scale
+else
+  unset TRITON_INTERPRET
+  DEV="--device cuda"
+  LLAMA="--dim 4096 --vocab 128256"
+  SMOL="--dim 576 --vocab 49152"
+  TESTS=()
+  S=1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
+t() { python -c "print(max(20, int($1 * $S)))"; }  # a step's timeout, seconds
+python -c "import torch, triton, kernels; print('torch', torch.__version__, 'triton', triton.__version__,
+  'cuda', torch.cuda.is_available(), 'Triton path', kernels.TRITON_CUDA or kernels.TRITON_INTERPRET)"
+step "$(t 120)" python bench/bench_logprobs.py $DEV --dtype bf16 $LLAMA $PATHS
+step "$(t 90)" python bench/bench_logprobs.py $DEV --dtype bf16 $SMOL $PATHS,twin
+step "$(t 150)" python -m pytest -q -p no:cacheprovider -rs --durations=5 tests/test_kernels.py "${TESTS[@]}"
+step "$(t 60)" python bench/bench_logprobs.py $DEV --dtype fp32 $SMOL --paths naive,fused,old
+# backward tiles at the Llama 3 shape (times only; defaults: 128 x 128 x 64, 8 warps, 3 stages, 16k chunks)
+for kw in '{"block_v": 256}' '{"num_warps": 4, "num_stages": 4}' '{"block_n": 64, "block_v": 256}' \
+          '{"chunk": 32768}'; do
+  step "$(t 40)" python bench/bench_logprobs.py $DEV --dtype bf16 $LLAMA --paths fused,fwd --memory 0 \
+    --repeats 5 --kw "$kw"
+done

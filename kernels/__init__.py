@@ -44,8 +44,9 @@ def fused_logprobs(hidden, weight, targets, *, ignore_index=-100, impl=None, **k
     mod = {"triton": logprobs_triton, "torch": logprobs_torch}[impl]
     assert mod is not None, "impl='triton' needs triton installed"
     assert hidden.shape[1] == weight.shape[1] and targets.shape == hidden.shape[:1]
-    return _FusedLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
-                                ignore_index, mod, kw)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)  # one GEMM operand dtype (mixed inputs: a cast)
+    return _FusedLogprobs.apply(hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(),
+                                targets.contiguous(), ignore_index, mod, kw)
 
 
 def sequence_logprobs(token_logp, mask):

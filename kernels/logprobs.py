@@ -76,7 +76,7 @@ def _dz_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, idx_ptr, dz_ptr, n, N, V, D,
         rows = r
     cols = (c0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     z = _logits(h_ptr, w_ptr, rows, cols, N, V, D, DOT, BLOCK_N, BLOCK_V, BLOCK_D)  # (BLOCK_N, BLOCK_V)
-    lse = tl.load(lse_ptr + rows, r < n, 0.0)
+    lse = tl.load(lse_ptr + rows, r < n, float("inf"))  # padding rows: p = 0, not exp(z - 0) = inf
     g = tl.load(g_ptr + rows, r < n, 0.0)  # upstream grad, already 0 on ignored rows
     tgt = tl.load(t_ptr + rows, r < n, -1)
     dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]))
@@ -84,11 +84,11 @@ def _dz_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, idx_ptr, dz_ptr, n, N, V, D,
     tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), (r[:, None] < n) & (cols[None, :] < c0 + cv))
 
 
-def _dot_dtype(hidden, weight):
+def _dot_dtype(hidden):
     # On the GPU, tl.dot takes bf16/fp16 operands as stored (tensor cores multiply them exactly and sum in
     # fp32). fp32 inputs stay fp32. The interpreter's 16-bit maths is wrong, so there we upcast right after
     # tl.load; it computes the same numbers, as the 16-bit values are exact in fp32.
-    if INTERPRET or hidden.dtype != weight.dtype or hidden.dtype == torch.float32:
+    if INTERPRET or hidden.dtype == torch.float32:
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[hidden.dtype]
 
@@ -123,7 +123,7 @@ def forward(hidden, weight, targets, ignore_index=-100, *, block_n=None, block_v
     part = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
     part_zt = torch.empty_like(part)
     _fwd_kernel[(triton.cdiv(N, bn), splits)](hidden, weight, targets, part, part_zt, N, V, D, v_split,
-                                              _dot_dtype(hidden, weight), bn, bv, bd,
+                                              _dot_dtype(hidden), bn, bv, bd,
                                               num_warps=num_warps, num_stages=num_stages)
     lse = torch.logsumexp(part, 0)  # (N,) the splits' partial log-sum-exps combined
     return torch.where(targets == ignore_index, 0.0, part_zt.sum(0) - lse), lse, part.T
@@ -152,7 +152,7 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
     g = torch.where(valid, grad.float(), 0.0).contiguous()
     keep = None
     if filter:  # each chunk's log-sum-exp from its splits'
-        part_c = torch.stack([torch.logsumexp(part[:, s:s + per], 1) for s in range(0, part.shape[1], per)], 1)
+        part_c = torch.stack([part[:, s:s + per].logsumexp(1) for s in range(0, part.shape[1], per)], 1)
         keep = logprobs_torch.keep_mask(part_c, lse, torch.where(valid, targets, 0), valid, C, V,
                                         weight.dtype, stats)
     dh = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
@@ -169,7 +169,7 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
         d = dz[:n * cv].view(n, cv)
         _dz_kernel[(triton.cdiv(n, bn) * triton.cdiv(cv, bv),)](
             hidden, weight, targets, lse, g, targets if idx is None else idx, d, n, N, V, D, c0, cv,
-            _dot_dtype(hidden, weight), idx is not None, group, bn, bv, bd,
+            _dot_dtype(hidden), idx is not None, group, bn, bv, bd,
             num_warps=num_warps, num_stages=num_stages)
         w = weight[c0:c0 + cv]
         if idx is None:

@@ -35,7 +35,12 @@ def mm32(a, b):
     # GEMM's 16-bit output is upcast (one rounding per product; the tests' tolerance counts it).
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b).float()
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch before 2.8: no out_dtype; the CPU way then
+            pass
+    return torch.mm(a, b).float()
 
 
 def addmm(acc, a, b, alpha=1):
@@ -108,7 +113,7 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
     keep = keep_mask(part, lse, safe, valid, vocab_chunk, V, weight.dtype, stats) if filter else None
     pw = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)  # P @ W, summed over the vocab chunks
     dw = torch.empty_like(weight) if need_dw else None
-    acc = torch.empty(min(V, vocab_chunk), D, dtype=torch.float32, device=hidden.device)  # one d_weight slice
+    acc = torch.empty(min(V, vocab_chunk), D, dtype=torch.float32, device=hidden.device)  # d_weight slice
     bufs = _buffers(hidden, min(N, token_chunk), min(V, vocab_chunk))
     for k, j in enumerate(range(0, V, vocab_chunk)):
         w = weight[j:j + vocab_chunk]  # (v, D) as stored

@@ -102,7 +102,8 @@ def with_stop(free):
                                       dict(top_k=20)], ids=["greedy", "t1", "top_p", "top_k"])
 def test_continuous_equals_static_equals_alone(models, settings):
     # Token for token whatever the scheduling: each prompt alone, and pools of 1, 3 and 16 rows refilled as
-    # rows stop (continuous) or once drained (static); ragged prompts, a stop id ending some rows early.
+    # soon as a row stops (refill=0), once an eighth is free (default) or once drained (static, refill=1),
+    # shrinking to their live rows once nothing waits; ragged prompts, a stop id ending some rows early.
     model, ps = models["qwen2"], prompts(LENGTHS + [5, 27, 1, 9], seed=2)
 
     def run(ps, **kw):
@@ -111,7 +112,7 @@ def test_continuous_equals_static_equals_alone(models, settings):
     alone = [run([p], stop_ids=[stop])[0] for p in ps]
     assert [t for t, _ in alone] == want
     for pool in (1, 3, 16):
-        for refill in (True, False):
+        for refill in (0, 1 / 8, 1):
             out = run(ps, pool=pool, refill=refill, stop_ids=[stop])
             assert [t for t, _ in out] == want, (pool, refill)
             assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
@@ -126,12 +127,12 @@ def test_continuous_refills_rows_while_others_decode(models):
     stop = next(s for s in sorted({t for f in free[:3] for t in f})
                 if len({len(cut(f, s)) for f in free[:3]}) > 1)  # the first three stop at different steps
     lengths = [len(cut(f, stop)) for f in free[:3]]
-    for refill in (True, False):
+    for refill in (0, 1):
         seen = []
         generate(model, ps, 12, seed=0, stop_ids=[stop], pool=3, refill=refill,
                  on_token=lambda i, t: seen.append(i))
         still_decoding = {i for i in seen[seen.index(3):] if i < 3}
-        assert still_decoding == ({i for i in range(3) if lengths[i] > min(lengths)} if refill else set())
+        assert still_decoding == ({i for i in range(3) if lengths[i] > min(lengths)} if refill == 0 else set())
 
 
 def test_pool_size_from_memory_and_span(models):

@@ -89,7 +89,11 @@ def test_cache_layout_is_huggingface_hubs(offline):
 
 
 def test_model_id_resolves_offline(offline):
-    assert resolve_model("org/tiny") == resolve_model("org/tiny@" + "a" * 40) == offline["model"]
+    refs = os.path.join(offline["home"], "hub", "models--org--tiny", "refs")
+    with open(os.path.join(refs, "v1"), "w") as f:  # a tag, as a download of org/tiny@v1 records it
+        f.write("a" * 40)
+    for spec in ("org/tiny", "org/tiny@v1", "org/tiny@" + "a" * 40):
+        assert resolve_model(spec) == offline["model"]
     x = torch.randint(0, 307, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (Transformer.from_pretrained("org/tiny")(x) - offline["hf"](x).logits).abs().max()
@@ -124,7 +128,8 @@ def test_bad_data_ids(offline, data, split, error, needles):
 
 
 def test_bad_model_ids(offline):
-    with pytest.raises(ValueError, match=r"^nobody/nothing@v2: no such local .* not in the hub cache .* OFFLINE"):
+    with pytest.raises(ValueError, match=r"^nobody/nothing@v2: no such local .* not in the hub cache "
+                                         r".* HF_HUB_OFFLINE is set$"):
         resolve_model("nobody/nothing@v2")
     with pytest.raises(ValueError, match="org/tiny@v9: .* not in the hub cache"):  # no such ref cached
         resolve_model("org/tiny@v9")
@@ -197,26 +202,22 @@ def tree(path):  # every file under path and its bytes, but the lock
 def test_one_run_per_out_and_a_killed_run_frees_it(hub, tmp_path):
     out = tmp_path / "out"
     cmd = spin(out, "--model", "org/tiny", "--data", "org/chat", "--data_split", "train_sft")
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd + ["--iterations=50"], cwd=ROOT, env=env(hub), stdout=log, stderr=log)
+    log, err = tmp_path / "first.out", tmp_path / "first.err"
+    first = subprocess.Popen(cmd + ["--iterations=50"], cwd=ROOT, env={**env(hub), "PYTHONUNBUFFERED": "1"},
+                             stdout=open(log, "w"), stderr=open(err, "w"))
     try:
         deadline = time.time() + 240
 
         def wait_for(ready, what):
             while not ready():
-                assert first.poll() is None, open(tmp_path / "first.log").read()[-2000:]
+                assert first.poll() is None, err.read_text()[-2000:]
                 assert time.time() < deadline, f"timed out waiting for {what}"
                 time.sleep(0.1)
 
-        def locked():  # someone else holds OUT/.lock
-            try:
-                with open(out / ".lock") as f:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when f closes
-                return False
-            except (FileNotFoundError, BlockingIOError):
-                return os.path.exists(out / ".lock")
-
-        wait_for(locked, "the first run to take the lock")
+        # spin.py prints nothing before it holds the lock (probing the lock here could race the run)
+        wait_for(lambda: log.stat().st_size > 0, "the first run to take the lock")
+        with open(out / ".lock") as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it is held
         second = subprocess.run(cmd + ["--iterations=50"], cwd=ROOT, env=env(hub), capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode != 0 and second.stderr.strip().splitlines() == [
@@ -245,7 +246,7 @@ def bad_files(hub):
 BAD_INPUTS = [  # argv, what the one line must say
     (["spin.py", "--model", "/nope"],
      "/nope: not found: neither a checkpoint folder, a .gguf file nor a hub id"),
-    (["spin.py", "--model", "nobody/nothing"], "nobody/nothing: no such local path, and as a hub id: not in"),
+    (["spin.py", "--model", "nobody/nothing"], "nobody/nothing: no such local path, and as a hub id: not"),
     (["spin.py", "--model", "org/tiny", "--data", "org/chat", "--data_split", "nope"],
      "org/chat: no files of split 'nope'"),
     (["spin.py", "--model", "org/tiny", "--data", "{root}/bad.parquet"],

@@ -41,7 +41,7 @@ def packed(model, groups, rows):
 ROWS = [[2, 0], [1], [4, 3]]  # three rows, two of them holding two groups, ragged: padding at the ends
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "llama3_tied"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "llama3_tied"])
 def test_packed_equals_alone_with_gradients(checkpoints, kind):
     # fp32; sums of up to 20 token log-probs agree to ~1e-6 (summation order only): 1e-4 is loose.
     gs = groups()
