@@ -330,7 +330,8 @@ def pack(groups, rows, pad_id, device=None, length=None):
     # Rows are right-padded to the longest, or to `length` (a fixed shape for compiled kernels).
     import torch
     A = len(groups[0][1])
-    T = max([length or 0] + [sum(len(groups[g][0]) + sum(map(len, groups[g][1])) for g in row) for row in rows])
+    T = max([length or 0] + [sum(len(groups[g][0]) + sum(map(len, groups[g][1])) for g in row)
+                             for row in rows])
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
     doc = torch.full_like(tokens, -1)  # padding: doc -1, each padding token sees only itself
     pos, branch = torch.zeros_like(tokens), torch.zeros_like(tokens)

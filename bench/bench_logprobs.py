@@ -179,18 +179,24 @@ def timings(a, dtype, paths):
     return best
 
 
-def run(a, name, paths):
-    # one dtype: each path's peak memory (fresh processes) and best time, printed against the naive path
-    dtype = DTYPES[name]
+def memory(a, name, paths):
+    # {path: peak extra bytes}, each in a fresh process. Run before any timing here: a child's ru_maxrss
+    # starts at its parent's RSS at fork time (Linux carries the high-water mark across fork and exec).
     peak = {p: float("nan") for p in paths}
     for p in paths if a.memory else ():
         argv = [f"--device={a.device}", f"--tokens={a.tokens}", f"--dim={a.dim}", f"--vocab={a.vocab}",
                 f"--kw={a.kw}", f"--dtype={name}", f"--worker={p}"]
         out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
         if out.returncode:  # e.g. out of memory: report it and go on with the other paths
-            print(f"  {p}: worker failed\n{out.stderr[-3000:]}")
+            print(f"  {name} {p}: worker failed\n{out.stderr[-3000:]}")
         else:
             peak[p] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    return peak
+
+
+def report(a, name, paths, peak):
+    # one dtype: each path's best time, printed with its peak memory against the naive path
+    dtype = DTYPES[name]
     best = timings(a, dtype, paths)
     print(f"{name}:")
     for p in paths:
@@ -204,7 +210,7 @@ def run(a, name, paths):
         print(f"  fused/old: memory {peak['fused'] / peak['old']:.1%}, "
               f"time {best['fused'] / best['old']:.2f}x")
     if "skipped" in STATS:
-        print(f"  filtered: skipped {STATS['skipped']:.1%} of the backward's logits (random inputs: "
+        print(f"  filtered: skipped {STATS.pop('skipped'):.1%} of the backward's logits (random inputs: "
               f"a flat softmax; a trained model's is peaked)")
     return best
 
@@ -231,6 +237,15 @@ def real_share(a):
             kernels.logprobs_torch.keep_mask(part, lse, t, t >= 0, width, V, dtype, stats)
             print(f"  chunks of {width:5d} columns, {str(dtype)[6:]:8s}: {stats['skipped']:.1%} of the "
                   f"backward's logits skipped")
+    # and the bf16 noise in these log-probs (issue 9): inputs rounded to bf16, then also the bf16 GEMMs
+    # (emulated where compute_dtype says fp32: slow)
+    ref = kernels.logprobs_torch.forward(h, w, t)[0]
+    h16, w16 = h.bfloat16(), w.bfloat16()
+    for name, got in [("inputs rounded to bf16, fp32 maths", (h16.float(), w16.float())),
+                      ("inputs rounded to bf16, bf16 GEMMs", (h16, w16))]:
+        d = kernels.logprobs_torch.forward(*got, t)[0] - ref
+        print(f"  log-probs, {name}: |error| mean {d.abs().mean():.4f}, max {d.abs().max():.4f} nats per "
+              f"token; summed over all {len(t)} tokens: {d.sum():+.3f} (sum of log-probs {ref.sum():.1f})")
 
 
 def main():
@@ -265,7 +280,8 @@ def main():
              ": bf16 is emulated here (~100x slower), so auto runs fp32 only; --dtype fp32,bf16 forces it"))
     names = ["fp32", "bf16"] if auto == torch.bfloat16 else ["fp32"]
     names = a.dtype.split(",") if a.dtype != "auto" else names
-    best = {name: run(a, name, paths) for name in names}
+    peaks = {name: memory(a, name, paths) for name in names}
+    best = {name: report(a, name, paths, peaks[name]) for name in names}
     if "fp32" in best and "bf16" in best:
         print("bf16/fp32 time: " + ", ".join(f"{p} {best['bf16'][p] / best['fp32'][p]:.2f}x" for p in paths))
 

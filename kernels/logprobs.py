@@ -1,6 +1,7 @@
 # Triton kernels for log p(target) straight from hidden states and the LM head, never holding (N, V) logits.
 # Layout: @triton.jit kernels, then their launchers. The one autograd.Function lives in __init__.py, shared
-# with the PyTorch twin (logprobs_torch.py), which has the same forward/backward signature.
+# with the PyTorch twin (logprobs_torch.py), which has the same forward/backward signature. The backward's
+# two gradient GEMMs are cuBLAS, through torch (backward() and README.md say why).
 import os
 
 import torch
@@ -33,8 +34,9 @@ def _fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, zt_ptr, N, V, D, v_per_split, DOT:
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program = one row block x one split of the vocabulary. It walks its split BLOCK_V columns at a
     # time keeping a running max m and a running sum s of exp(z - m) (online log-sum-exp), then writes its
-    # partial lse and the target logit (0 unless the target falls in its split). Splits only exist to
-    # give the GPU enough programs when N is small; the launcher combines them.
+    # partial lse and the target logit (0 unless the target falls in its split). Splits exist to give the
+    # GPU enough programs when N is small; the launcher combines them, and keeps the partial lse for
+    # gradient filtering.
     split = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     tgt = tl.load(t_ptr + rows, rows < N, -1)

@@ -16,16 +16,16 @@ def _buffers(h, n, v):
 
 
 def _logits(bufs, h, w, bias=None):
-    # (n, v) fp32 tile of h @ w.T + bias in the front of the reused fp32 buffer. fp32 operands: written in
-    # place. 16-bit operands: the GEMM multiplies them exactly and sums in fp32, but a CPU GEMM rounds its
+    # (n, v) fp32 tile of h @ w.T (+ bias) in the front of the reused fp32 buffer. fp32 operands: written
+    # in place. 16-bit operands: the GEMM multiplies them exactly and sums in fp32, but a CPU GEMM rounds its
     # output to 16 bits (there is no fp32-output bf16 GEMM on CPU): an error of u |z| (u = 2^-8 for bf16).
     # bias (n, 1), added inside the GEMM before that rounding, is minus a 16-bit number near the row's top
     # logits, which makes the error u |z + bias|: small on exactly the logits that carry probability.
     # Then one (n, v) upcast pass, instead of upcasting the (v, D) weight tile before the GEMM.
     n, v = h.shape[0], w.shape[0]
     z = bufs[0][:n * v].view(n, v)
-    if h.dtype == torch.float32:
-        return torch.mm(h, w.T, out=z) if bias is None else torch.addmm(bias, h, w.T, out=z)
+    if h.dtype == torch.float32:  # (no bias: fp32 keeps the twin's earlier results bit for bit)
+        return torch.mm(h, w.T, out=z)
     z16 = bufs[1][:n * v].view(n, v)
     return z.copy_(torch.mm(h, w.T, out=z16) if bias is None else torch.addmm(bias, h, w.T, out=z16))
 
@@ -100,7 +100,7 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
     # d logp_i / d z_ij = [j == t_i] - p_ij (p = softmax), so with g the upstream grad:
     #   d_hidden = g * (W[t] - P @ W)        d_weight = onehot(t).T @ (g * h) - P.T @ (g * h)
     # P goes through the tiles unscaled (g is folded into h); the one-hot parts: a gather and an index_add.
-    # filter: skip the (row, vocab chunk) pairs keep_mask rejects (their tiles' P rows count as 0).
+    # filter: skip the (row, vocab chunk) pairs keep_mask rejects (their P rows count as 0).
     (N, D), V = hidden.shape, weight.shape[0]
     valid = targets != ignore_index
     g = torch.where(valid, grad.float(), 0.0)[:, None]  # (N, 1) ignored rows get no gradient
@@ -119,15 +119,16 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
         w = weight[j:j + vocab_chunk]  # (v, D) as stored
         a = acc[:w.shape[0]].zero_()
         for i in range(0, N, token_chunk):
-            rows = slice(i, i + token_chunk)
-            if keep is not None and not keep[rows, k].any():
-                continue  # the whole tile is filtered out (and holds no target)
+            rows = slice(i, i + token_chunk)  # filtering: only the rows kept for this chunk, gathered
+            rows = rows if keep is None else i + keep[rows, k].nonzero()[:, 0]
+            if keep is not None and rows.numel() == 0:
+                continue
             p = _logits(bufs, hidden[rows], w, None if bias is None else bias[rows])
-            p = p.sub_(shift[rows]).exp_()  # (n, v) softmax tile, fp32
-            if keep is not None:
-                p.mul_(keep[rows, k, None])
-            p = p.to(hidden.dtype)  # the GEMM operand (16-bit: rounded, as on the GPU)
-            addmm(pw[rows], p, w)
+            p = p.sub_(shift[rows]).exp_().to(hidden.dtype)  # (n, v) softmax tile; 16-bit: rounded
+            if keep is None:
+                addmm(pw[rows], p, w)
+            else:  # a gathered copy: added back by index
+                pw.index_add_(0, rows, mm32(p, w))
             if need_dw:
                 addmm(a, p.T, gh_op[rows], alpha=-1)
                 t = safe[rows] - j  # the one-hot part of the rows whose target is in this chunk

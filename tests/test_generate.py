@@ -120,8 +120,9 @@ def test_continuous_equals_static_equals_alone(models, settings):
 
 
 def test_continuous_refills_rows_while_others_decode(models):
-    # A pool of 3: prompt 3 starts in the first row to free up while the rows of prompts 0-2 with longer
-    # answers still decode; static batching starts it only once all three have stopped.
+    # A pool of 3 refilled as soon as a row frees: prompt 3 starts while the rows of prompts 0-2 with longer
+    # answers (never empty: the stop id is chosen so) still decode; static batching starts it only once all
+    # three have stopped.
     model, ps = models["llama"], prompts()
     free = generate(model, ps, 12, seed=0)
     stop = next(s for s in sorted({t for f in free[:3] for t in f})
@@ -132,7 +133,8 @@ def test_continuous_refills_rows_while_others_decode(models):
         generate(model, ps, 12, seed=0, stop_ids=[stop], pool=3, refill=refill,
                  on_token=lambda i, t: seen.append(i))
         still_decoding = {i for i in seen[seen.index(3):] if i < 3}
-        assert still_decoding == ({i for i in range(3) if lengths[i] > min(lengths)} if refill == 0 else set())
+        longer = {i for i in range(3) if lengths[i] > min(lengths)}
+        assert still_decoding == (longer if refill == 0 else set())
 
 
 def test_pool_size_from_memory_and_span(models):

@@ -193,7 +193,8 @@ def test_default_run_settings():
 # ----- per-epoch evaluation, the stop rule, cut samples, bf16 -----
 
 def test_stop_rule_by_hand():
-    from spin import Config, stop_rule
+    from report import stop_rule
+    from spin import Config
     cfg = Config(select_epoch=True, patience=2, stop_margin=0.01)
 
     def r(t, e, nll, chosen=False):
