@@ -14,6 +14,7 @@ whatever the pool size, its neighbours, the scheduling, or the rank it runs on.
 """
 import argparse
 import hashlib
+import math
 import os
 import sys
 import time
@@ -55,10 +56,10 @@ def uniforms(keys, t):
     return hash32(keys[:, 0] ^ hash32(keys[:, 1] ^ hash32(t))).double() / 2.0 ** 32
 
 
-# ----- sampling: temperature, then top-k, then top-p, as transformers does -----
+# ----- sampling: temperature, then top-k, then top-p, then min-p, as transformers does -----
 
-def filter_logits(logits, top_k=0, top_p=1.0):
-    # logits (B, V) -> the same with -inf where top-k / top-p remove a token.
+def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
+    # logits (B, V) -> the same with -inf where top-k / top-p / min-p remove a token.
     if top_k > 0:  # keep the k largest, and anything tied with the k-th
         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]                 # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -67,10 +68,13 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         remove = ascending.softmax(-1).cumsum(-1) <= 1 - top_p  # the mass at or below each token
         remove[:, -1] = False                                   # the most likely token always stays
         logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    if min_p > 0:  # keep tokens at least min_p times as likely as the most likely one
+        top = logits.max(-1, keepdim=True).values                                      # (B, 1)
+        logits = logits.masked_fill(logits < top + math.log(min_p), float("-inf"))
     return logits
 
 
-def sample(logits, u, temperature, top_k, top_p):
+def sample(logits, u, temperature, top_k, top_p, min_p=0.0):
     # logits (B, V) fp32, u (B,) float64 uniforms -> tokens (B,) and their log-probs (B,) under the
     # distribution sampled from; greedy reports the model's own (the point mass would say 0 for every
     # token). Inverse-CDF sampling needs one uniform per row where Gumbel-max needs one per vocabulary
@@ -82,7 +86,7 @@ def sample(logits, u, temperature, top_k, top_p):
         return tok, top - logits.logsumexp(-1)
     if temperature != 1:
         logits = logits / temperature
-    logits = filter_logits(logits, top_k, top_p)
+    logits = filter_logits(logits, top_k, top_p, min_p)
     top = logits.max(-1, keepdim=True).values                                           # (B, 1)
     cdf = (logits - top).exp_().cumsum_(-1)                                             # (B, V)
     total = cdf[:, -1]
@@ -136,11 +140,11 @@ def prefill(model, cache, rows, prompts, budget):
     return lm_head(model, last)
 
 
-def decode_one_token(model, cache, tok, keys, n, temperature, top_k, top_p):
+def decode_one_token(model, cache, tok, keys, n, temperature, top_k, top_p, min_p=0.0):
     # tok (S,) every row's last token, written at its position cache.pos; keys (S, 2), n (S,) each row's
     # draw counter -> the next tokens (S,) and their log-probs (S,). Rows not in use compute garbage.
     h = model(tok[:, None], cache=cache, hidden=True)[:, 0]                              # (S, D)
-    return sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p)
+    return sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p, min_p)
 
 
 # ----- the pool: its size from a memory budget, the span of keys a step reads -----
@@ -228,12 +232,12 @@ def make_step(sampling, cache, compile):
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             seed=None, seeds=None, return_logprobs=False, pool=None, refill=1 / 8, compile=False,
-             prefill_tokens=8192, on_token=None, progress=None):
+def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+             stop_ids=(), seed=None, seeds=None, return_logprobs=False, pool=None, refill=1 / 8,
+             compile=False, prefill_tokens=8192, on_token=None, progress=None):
     """prompts: token-id lists of any lengths. Returns, per prompt, its new tokens up to and including the
     first stop id; with return_logprobs, (tokens, log-probs) pairs: each token's log-prob under the
-    sampling distribution (at temperature 1, top-p 1, top-k 0, the model's own). temperature 0: greedy.
+    sampling distribution (at temperature 1 with no filter, the model's own). temperature 0: greedy.
     seeds: one int per prompt; by default derived from `seed` and the prompt's tokens (seed None: drawn
     from torch's generator). pool: cache rows decoded together (default: what pool_size's memory budget
     holds). refill: the share of the pool that must be free before waiting prompts are prefilled into it
@@ -251,8 +255,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     keys = prompt_keys(prompts, seed, seeds)                                              # (P, 2)
     toks, lps = [[] for _ in prompts], [[] for _ in prompts]
     if prompts and max_new_tokens > 0:
-        run_pool(model, prompts, keys, max_new_tokens, (temperature, top_k, top_p), set(stop_ids), pool,
-                 refill, compile, prefill_tokens, on_token, progress, toks, lps)
+        run_pool(model, prompts, keys, max_new_tokens, (temperature, top_k, top_p, min_p), set(stop_ids),
+                 pool, refill, compile, prefill_tokens, on_token, progress, toks, lps)
     return [(t, lp) for t, lp in zip(toks, lps)] if return_logprobs else toks
 
 
@@ -335,6 +339,7 @@ def main():
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--min_p", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compute_dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -361,7 +366,8 @@ def main():
 
     t0 = time.perf_counter()
     generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-             top_k=args.top_k, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile, on_token=show)
+             top_k=args.top_k, min_p=args.min_p, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile,
+             on_token=show)
     dt = time.perf_counter() - t0
     print(tok.decode(new)[len(shown):])  # whatever was held back, and the final newline
     print(f"[{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tok/s]", file=sys.stderr)

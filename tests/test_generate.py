@@ -99,7 +99,7 @@ def with_stop(free):
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(), dict(temperature=0.9, top_p=0.8),
-                                      dict(top_k=20)], ids=["greedy", "t1", "top_p", "top_k"])
+                                      dict(top_k=20, min_p=0.05)], ids=["greedy", "t1", "top_p", "top_k_min_p"])
 def test_continuous_equals_static_equals_alone(models, settings):
     # Token for token whatever the scheduling: each prompt alone, and pools of 1, 3 and 16 rows refilled as
     # soon as a row stops (refill=0), once an eighth is free (default) or once drained (static, refill=1),
@@ -191,20 +191,25 @@ def test_filter_logits_hand_made():
     assert kept(top_p=0.01) == [1] and kept(top_p=0.0) == [1]  # always at least the most likely token
     assert kept(top_k=3, top_p=0.55) == [1]  # top-p sees top-k's renormalised mass: 0.5/0.85 > 0.55
     assert kept(top_k=3, top_p=0.7) == [1, 3]
+    assert kept(min_p=0.35) == [1, 3] and kept(min_p=0.25) == [0, 1, 3]  # p >= min_p * 0.5
+    assert kept(min_p=1.0) == [1] and kept(top_p=0.75, min_p=0.35) == [1, 3]
     ties = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
     assert torch.isfinite(filter_logits(ties, top_k=1)).tolist() == [[False, True, True, False]]
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.7), (50, 0.9), (1, 1.0)])
-def test_filter_logits_equals_transformers(top_k, top_p):
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0), (0, 0.7, 0), (50, 0.9, 0), (1, 1.0, 0),
+                                               (0, 1.0, 0.1), (20, 0.95, 0.05)])
+def test_filter_logits_equals_transformers(top_k, top_p, min_p):
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     logits = torch.randn(6, 307, generator=torch.Generator().manual_seed(top_k)) * 3
     ref = logits
     if top_k:
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    assert torch.equal(torch.isfinite(filter_logits(logits, top_k, top_p)), torch.isfinite(ref))
+    if min_p:
+        ref = MinPLogitsWarper(min_p)(None, ref)
+    assert torch.equal(torch.isfinite(filter_logits(logits, top_k, top_p, min_p)), torch.isfinite(ref))
 
 
 def test_sampling_draws_only_allowed_tokens_at_their_frequencies():
@@ -213,8 +218,10 @@ def test_sampling_draws_only_allowed_tokens_at_their_frequencies():
     keys = torch.stack([torch.arange(n), torch.arange(n) * 7 + 1], 1)
     u = uniforms(keys, torch.zeros(n, dtype=torch.long))          # (n,) one draw per stream
     assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
-    for kw, allowed in [(dict(top_k=2), [1, 3]), (dict(top_p=0.75), [0, 1, 3]), (dict(), [0, 1, 2, 3, 4])]:
-        tok, lp = sample(probs.log().expand(n, 5), u, 1.0, kw.get("top_k", 0), kw.get("top_p", 1.0))
+    for kw, allowed in [(dict(top_k=2), [1, 3]), (dict(top_p=0.75), [0, 1, 3]), (dict(min_p=0.25), [0, 1, 3]),
+                        (dict(), [0, 1, 2, 3, 4])]:
+        tok, lp = sample(probs.log().expand(n, 5), u, 1.0, kw.get("top_k", 0), kw.get("top_p", 1.0),
+                         kw.get("min_p", 0.0))
         counts = torch.bincount(tok, minlength=5).double() / n
         want = torch.zeros(5)
         want[allowed] = probs[allowed] / probs[allowed].sum()

