@@ -8,7 +8,9 @@ pool has drained. Each step's attention reads the cache up to the longest live r
 length. The scheduler (generate) keeps every row's state on the host and hands the device step fixed
 shapes at fixed addresses, which is what `torch.compile` and CUDA graphs want. Randomness is
 counter-based per prompt: draw t of a prompt is a hash of (its key, t), so a prompt gets the same sample
-whatever the pool size, its neighbours, the scheduling, or the rank it runs on.
+whatever the pool size, its neighbours, the scheduling, or the rank it runs on, up to floating point:
+on real weights the GEMMs round differently with the batch's shape (~1e-5 in the log-probs), which
+can flip a draw that lands in the distribution's far tail (README, "generate").
 
     python generate.py --model PATH --prompt "Tell me a joke" [--raw] [--temperature 0.7 --top_p 0.9]
 """

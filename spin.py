@@ -60,7 +60,7 @@ class Config:
     min_p: float = 0.0              # drop tokens less likely than min_p x the most likely one (the
                                     # reference: 0): fewer rambling samples from a small model
     seed: int = 0                   # one seed for sampling (per prompt) and shuffling: results do not
-                                    # depend on the number of processes
+                                    # depend on the number of processes (samples: up to floating point)
     num_prompts: int = 0            # training prompts to use, 0 = all
     num_eval: int = 0               # held-out prompts (taken before the training ones, never trained on)
                                     # evaluated before training and after each iteration; 0 = no eval

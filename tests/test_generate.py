@@ -99,7 +99,8 @@ def with_stop(free):
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(), dict(temperature=0.9, top_p=0.8),
-                                      dict(top_k=20, min_p=0.05)], ids=["greedy", "t1", "top_p", "top_k_min_p"])
+                                      dict(top_k=20, min_p=0.05)],
+                         ids=["greedy", "t1", "top_p", "top_k_min_p"])
 def test_continuous_equals_static_equals_alone(models, settings):
     # Token for token whatever the scheduling: each prompt alone, and pools of 1, 3 and 16 rows refilled as
     # soon as a row stops (refill=0), once an eighth is free (default) or once drained (static, refill=1),

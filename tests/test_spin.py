@@ -185,6 +185,22 @@ def test_bad_data_is_one_line_error(setup, tmp_path):
     assert f"{bad}:2: no assistant answer" in r.stderr
 
 
+def test_max_real_length_keeps_short_answers(setup, tmp_path):
+    # --max_real_length drops the pairs whose real answer is longer (counted), keeps the others in order.
+    from data import Tokenizer
+    from spin import Config, load_data
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."},
+                                                     {"role": "assistant", "content": " ".join(["one"] * i)}]})
+                            + "\n" for i in (1, 30, 2, 40, 3)))
+    tok = Tokenizer.from_pretrained(str(setup / "ckpt"))
+    lengths = [len(tok.encode(" ".join(["one"] * i))) for i in (1, 2, 3)]
+    cfg = Config(data=str(data), max_real_length=max(lengths) + 2, num_eval=1)
+    held, train = load_data(cfg, tok)
+    assert [a for _, a, _, _ in held + train] == ["one", "one one", "one one one"]
+    assert all(len(r) <= cfg.max_real_length for *_, r in held + train)
+
+
 def test_default_run_settings():
     # No --data: the ShareGPT + SmolLM2 wheels with the CPU-sized settings, each still overridable;
     # without the wheels, a one-line pointer to the README's setup.
