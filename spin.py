@@ -602,10 +602,16 @@ def training_groups(tok, cfg, t):
 PAD, DEVICE = 0, torch.device("cpu")
 
 if __name__ == "__main__":
+    code = 0
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, ImportError, NonFiniteLoss) as e:  # bad input: no traceback
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Everything is written and closed: skip the interpreter's teardown, where gloo's worker threads
+    # can abort a finished run ("terminate called without an active exception", seen on CI).
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
