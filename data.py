@@ -7,7 +7,6 @@ without extra special tokens, so the ids are exactly those of `transformers`' ap
 import fnmatch
 import json
 import os
-import re
 from datetime import datetime
 
 import jinja2

@@ -120,8 +120,8 @@ def run_trl(a, texts, tok, cfg, model_path):
                               for prompt, real, gen in texts])
     bf16 = compute_dtype("cpu", cfg.compute_dtype) == torch.bfloat16
     args = DPOConfig(output_dir=d, per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.epochs,
-                     learning_rate=per(cfg.lr), beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=True,
-                     max_length=cfg.max_length, bf16=bf16, use_cpu=True, lr_scheduler_type="linear",
+                     learning_rate=per(cfg.lr), beta=0.1, loss_type=["sigmoid"], max_length=cfg.max_length,
+                     precompute_ref_log_probs=True, bf16=bf16, use_cpu=True, lr_scheduler_type="linear",
                      warmup_steps=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, weight_decay=0.0,
                      logging_steps=10_000, save_strategy="no", report_to=[], seed=0,
                      dataloader_num_workers=0, disable_tqdm=True)
@@ -189,8 +189,9 @@ def main():
                   f"peak +{r['peak_bytes'] / 2**30:5.2f} GiB", flush=True)
         for base in ("padded", "trl"):
             if "packed" in res and base in res:
-                print(f"  {s:9s} packed vs {base}: {res['packed']['tokens_per_s'] / res[base]['tokens_per_s']:.2f}x "
-                      f"throughput, {res['packed']['peak_bytes'] / max(res[base]['peak_bytes'], 1):.2f}x peak")
+                p, b = res["packed"], res[base]
+                print(f"  {s:9s} packed vs {base}: {p['tokens_per_s'] / b['tokens_per_s']:.2f}x throughput, "
+                      f"{p['peak_bytes'] / max(b['peak_bytes'], 1):.2f}x peak")
 
 
 if __name__ == "__main__":

