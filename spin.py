@@ -608,6 +608,10 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, ImportError, NonFiniteLoss) as e:  # bad input: no traceback
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except SystemExit as e:  # --help, a bad flag, too little data: sys.exit's own message and code
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
