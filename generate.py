@@ -328,10 +328,8 @@ def keep_rows(cache, rows, n):
     for j, r in enumerate(rows):
         if r != j:
             cache.k[:, j, :, :n], cache.v[:, j, :, :n] = cache.k[:, r, :, :n], cache.v[:, r, :, :n]
-    small, m = KVCache.__new__(KVCache), len(rows)
-    small.__dict__.update(cache.__dict__, k=cache.k[:, :m], v=cache.v[:, :m], pos=cache.pos[:m],
-                          all_rows=cache.all_rows[:m])
-    return small
+    m = len(rows)
+    return cache.replace(k=cache.k[:, :m], v=cache.v[:, :m], pos=cache.pos[:m], all_rows=cache.all_rows[:m])
 
 
 # ----- command line: stream one answer -----

@@ -200,12 +200,15 @@ class KVCache:
         self.rows = None  # None: a forward covers every row; else (n,) the rows it covers, see select
         self.all_rows = torch.arange(batch, device=device)
 
+    def replace(self, **fields):  # the same storage, some fields replaced (nothing is copied)
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__, **fields)
+        return view
+
     def select(self, rows, pos, length):
         # The same storage seen by a forward over some rows only (a prefill into rows just freed, the
         # others untouched): rows (n,), pos (n,) their positions, length the slots its attention reads.
-        view = KVCache.__new__(KVCache)
-        view.__dict__.update(self.__dict__, rows=rows, pos=pos, length=length)
-        return view
+        return self.replace(rows=rows, pos=pos, length=length)
 
     def update(self, layer, k, v, pos):
         # k, v (n, Hkv, T, hd) written at per-row positions pos (n, T) -> the covered rows' keys and

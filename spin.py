@@ -602,20 +602,19 @@ def training_groups(tok, cfg, t):
 PAD, DEVICE = 0, torch.device("cpu")
 
 if __name__ == "__main__":
-    code = 0
     try:
         main(sys.argv[1:])
+        code = 0
     except (ValueError, FileNotFoundError, ImportError, NonFiniteLoss) as e:  # bad input: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    except SystemExit as e:  # --help, a bad flag, too little data: sys.exit's own message and code
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        code = f"error: {e}"
+    except SystemExit as e:  # --help, a bad flag, too little data: a message, a status or None
+        code = e.code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    # Everything is written and closed: skip the interpreter's teardown, where gloo's worker threads
-    # can abort a finished run ("terminate called without an active exception", seen on CI).
+    # Everything is written and closed: exit as sys.exit would, but skip the interpreter's teardown, where
+    # gloo's worker threads can abort a finished run ("terminate called without an active exception", CI).
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
     sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)
+    os._exit(1 if isinstance(code, str) else code or 0)

@@ -89,12 +89,16 @@ def step_against_gemms(model, S, L, compile, repeats=5):
     # products alone (the same weights times S rows: every Linear and the LM head), best of `repeats`
     # each. Where the rest goes: the step under the profiler, self time by op (on CUDA, device time).
     cfg, dev, dtype = model.config, model.lm_weight.device, model.lm_weight.dtype
-    cache = KVCache(cfg, S, L, dtype, dev)
-    cache.pos.copy_(torch.linspace(L // 3, L - 1, S).long())  # rows of ragged lengths, the longest L
     compiled = compile and dev.type == "cuda"
-    cache.length = span(L, L, compiled)
-    run_step = make_step((1.0, 0, 1.0), cache, compiled)
-    tok, keys, n = (torch.randint(0, 1000, shape, device=dev) for shape in ((S,), (S, 2), (S,)))
+
+    def step_of(rows):  # one decode step of `rows` rows of ragged lengths, the longest L
+        cache = KVCache(cfg, rows, L, dtype, dev)
+        cache.pos.copy_(torch.linspace(L // 3, L - 1, rows).long())
+        cache.length = span(L, L, compiled)
+        run_step = make_step((1.0, 0, 1.0), cache, compiled)
+        tok, keys, n = (torch.randint(0, 1000, shape, device=dev) for shape in ((rows,), (rows, 2), (rows,)))
+        return lambda: run_step(model, cache, tok, keys, n)
+    step = step_of(S)
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {d: torch.randn(S, d, device=dev, dtype=dtype) for d in {m.in_features for m in lins}}
 
@@ -103,14 +107,11 @@ def step_against_gemms(model, S, L, compile, repeats=5):
             F.linear(xs[m.in_features], m.weight)
         model.lm_weight @ xs[cfg.hidden_size].T
 
-    def step():
-        run_step(model, cache, tok, keys, n)
-
     def best(fn):
         fn()
         return min(timed(fn, dev)[0] for _ in range(repeats))
     with torch.no_grad():
-        t_step, t_gemm = best(step), best(gemms)
+        t_step, t_gemm, t_one = best(step), best(gemms), best(step_of(1))
         with torch.profiler.profile() as prof:
             step()
     flops = 2 * S * (sum(m.weight.numel() for m in lins) + model.lm_weight.numel())
@@ -124,11 +125,14 @@ def step_against_gemms(model, S, L, compile, repeats=5):
             name = "attention"
         by_op[name] += t / 1e3
     total = sum(by_op.values())
-    print(f"\ndecode step, pool {S} rows, longest {L} tokens (attention reads {cache.length} slots):")
+    print(f"\ndecode step, pool {S} rows, longest {L} tokens (attention reads {span(L, L, compiled)} slots):")
     print(f"  step {t_step * 1e3:.1f} ms = {S / t_step:.0f} tok/s;  its matrix products alone "
           f"{t_gemm * 1e3:.1f} ms ({flops / t_gemm / 1e9:.0f} GFLOP/s): step/GEMMs x{t_step / t_gemm:.2f}")
     print("  where a step's time goes (profiler, self time): " + ", ".join(
         f"{k} {100 * v / total:.0f}%" for k, v in by_op.most_common(6)))
+    per_row = (t_step - t_one) / max(S - 1, 1)
+    print(f"  a step of 1 row {t_one * 1e3:.1f} ms: a step costs ~{(t_one - per_row) * 1e3:.0f} ms whatever "
+          f"its rows + {per_row * 1e3:.1f} ms a row (what a drained pool saves by shrinking to its live rows)")
 
 
 def main():
