@@ -13,6 +13,7 @@ on real weights the GEMMs round differently with the batch's shape (~1e-5 in the
 can flip a draw that lands in the distribution's far tail (README, "generate").
 
     python generate.py --model PATH --prompt "Tell me a joke" [--raw] [--temperature 0.7 --top_p 0.9]
+                       [--min_p 0.1 --repetition_penalty 1.2]
 """
 import argparse
 import hashlib
@@ -58,7 +59,15 @@ def uniforms(keys, t):
     return hash32(keys[:, 0] ^ hash32(keys[:, 1] ^ hash32(t))).double() / 2.0 ** 32
 
 
-# ----- sampling: temperature, then top-k, then top-p, then min-p, as transformers does -----
+# ----- sampling: repetition penalty, temperature, top-k, top-p, then min-p, as transformers does -----
+
+def penalize(logits, seen, penalty):
+    # logits (B, V), seen (B, V) bool: the tokens already in each row (its prompt and its answer so far).
+    # transformers' repetition_penalty (Keskar et al., 2019): a seen token's logit is divided by penalty
+    # where positive, multiplied where negative, so it always loses odds. A small model at temperature 1
+    # otherwise falls into loops that never reach a stop id (README, "The default run").
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
 
 def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
     # logits (B, V) -> the same with -inf where top-k / top-p / min-p remove a token.
@@ -76,13 +85,15 @@ def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
     return logits
 
 
-def sample(logits, u, temperature, top_k, top_p, min_p=0.0):
-    # logits (B, V) fp32, u (B,) float64 uniforms -> tokens (B,) and their log-probs (B,) under the
-    # distribution sampled from; greedy reports the model's own (the point mass would say 0 for every
-    # token). Inverse-CDF sampling needs one uniform per row where Gumbel-max needs one per vocabulary
-    # entry. The CDF is a fp32 running sum (never decreasing; a float64 one cost 10x more here); the
-    # target u * total is rounded down to fp32, so it stays below the total, and the first CDF entry
-    # above it is a token of nonzero probability.
+def sample(logits, u, temperature, top_k, top_p, min_p=0.0, penalty=1.0, seen=None):
+    # logits (B, V) fp32, u (B,) float64 uniforms, seen (B, V) bool when penalty != 1 -> tokens (B,) and
+    # their log-probs (B,) under the distribution sampled from; greedy reports the (penalised) model's own
+    # (the point mass would say 0 for every token). Inverse-CDF sampling needs one uniform per row where
+    # Gumbel-max needs one per vocabulary entry. The CDF is a fp32 running sum (never decreasing; a float64
+    # one cost 10x more here); the target u * total is rounded down to fp32, so it stays below the total,
+    # and the first CDF entry above it is a token of nonzero probability.
+    if penalty != 1:
+        logits = penalize(logits, seen, penalty)
     if temperature == 0:
         top, tok = logits.max(-1)
         return tok, top - logits.logsumexp(-1)
@@ -142,11 +153,16 @@ def prefill(model, cache, rows, prompts, budget):
     return lm_head(model, last)
 
 
-def decode_one_token(model, cache, tok, keys, n, temperature, top_k, top_p, min_p=0.0):
+def decode_one_token(model, cache, tok, keys, n, seen, temperature, top_k, top_p, min_p=0.0, penalty=1.0):
     # tok (S,) every row's last token, written at its position cache.pos; keys (S, 2), n (S,) each row's
-    # draw counter -> the next tokens (S,) and their log-probs (S,). Rows not in use compute garbage.
+    # draw counter; seen (S, V) bool, each row's tokens so far (None without a penalty) -> the next
+    # tokens (S,) and their log-probs (S,), and the new tokens marked in seen. Rows not in use compute
+    # garbage.
     h = model(tok[:, None], cache=cache, hidden=True)[:, 0]                              # (S, D)
-    return sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p, min_p)
+    new, lp = sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p, min_p, penalty, seen)
+    if seen is not None:
+        seen.scatter_(1, new[:, None], True)
+    return new, lp
 
 
 # ----- the pool: its size from a memory budget, the span of keys a step reads -----
@@ -221,13 +237,13 @@ def groups(state):  # a module's FSDP parameter groups: one in torch <= 2.11, a 
 _compiled = {}  # one compiled step per sampling setting: the settings are graph constants
 
 
-def make_step(sampling, cache, compile):
-    step = lambda m, c, t, k, n: decode_one_token(m, c, t, k, n, *sampling)  # noqa: E731
+def make_step(sampling, cache, seen, compile):
+    step = lambda m, c, t, k, n, s: decode_one_token(m, c, t, k, n, s, *sampling)  # noqa: E731
     if not compile:
         return step
     # "reduce-overhead" replays the step as a CUDA graph, which may update the cache in place only at
     # addresses marked static; the pool's shape never changes, so refills replay the same graphs.
-    for t in (cache.k, cache.v, cache.pos):
+    for t in (cache.k, cache.v, cache.pos) + ((seen,) if seen is not None else ()):
         torch._dynamo.mark_static_address(t)
     _compiled[sampling] = _compiled.get(sampling) or torch.compile(step, mode="reduce-overhead")
     return _compiled[sampling]
@@ -235,11 +251,12 @@ def make_step(sampling, cache, compile):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
-             stop_ids=(), seed=None, seeds=None, return_logprobs=False, pool=None, refill=1 / 8,
-             compile=False, prefill_tokens=8192, on_token=None, progress=None):
+             repetition_penalty=1.0, stop_ids=(), seed=None, seeds=None, return_logprobs=False, pool=None,
+             refill=1 / 8, compile=False, prefill_tokens=8192, on_token=None, progress=None):
     """prompts: token-id lists of any lengths. Returns, per prompt, its new tokens up to and including the
     first stop id; with return_logprobs, (tokens, log-probs) pairs: each token's log-prob under the
     sampling distribution (at temperature 1 with no filter, the model's own). temperature 0: greedy.
+    repetition_penalty: transformers' (1: none), over each prompt's tokens and its answer so far.
     seeds: one int per prompt; by default derived from `seed` and the prompt's tokens (seed None: drawn
     from torch's generator). pool: cache rows decoded together (default: what pool_size's memory budget
     holds). refill: the share of the pool that must be free before waiting prompts are prefilled into it
@@ -257,8 +274,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     keys = prompt_keys(prompts, seed, seeds)                                              # (P, 2)
     toks, lps = [[] for _ in prompts], [[] for _ in prompts]
     if prompts and max_new_tokens > 0:
-        run_pool(model, prompts, keys, max_new_tokens, (temperature, top_k, top_p, min_p), set(stop_ids),
-                 pool, refill, compile, prefill_tokens, on_token, progress, toks, lps)
+        sampling = (temperature, top_k, top_p, min_p, repetition_penalty)
+        run_pool(model, prompts, keys, max_new_tokens, sampling, set(stop_ids), pool, refill, compile,
+                 prefill_tokens, on_token, progress, toks, lps)
     return [(t, lp) for t, lp in zip(toks, lps)] if return_logprobs else toks
 
 
@@ -271,7 +289,10 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
     S = min(len(prompts), pool or pool_size(model.config, max_len, w.dtype, w.device))
     cache = KVCache(model.config, S, max_len, w.dtype, w.device)
     compiled = compile and w.device.type == "cuda"
-    step = make_step(sampling, cache, compiled)
+    # seen: each row's tokens so far, prompt included, for the repetition penalty (None without one)
+    seen = torch.zeros(S, model.config.vocab_size, dtype=torch.bool, device=w.device) \
+        if sampling[-1] != 1 else None                                                    # (S, V)
+    step = make_step(sampling, cache, seen, compiled)
     owner, held, last = [None] * S, [0] * S, [0] * S  # per row: its prompt, tokens in the cache, last token
     keys, waiting = keys.tolist(), deque(range(len(prompts)))
     bar = tqdm(total=len(prompts), desc=progress, disable=not progress)
@@ -298,7 +319,17 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
             logits = prefill(model, cache, rows, [prompts[i] for i in idx], budget)
             u = uniforms(torch.tensor([keys[i] for i in idx], device=w.device),
                          torch.zeros(len(idx), dtype=torch.long, device=w.device))        # draw 0
-            for r, i, t, lp in zip(rows, idx, *(x.tolist() for x in sample(logits, u, *sampling))):
+            at = torch.tensor(rows, device=w.device)
+            if seen is not None:
+                seen[at] = False
+                for r, i in zip(rows, idx):  # the prompt's tokens but never a stop id: a chat prompt holds
+                    # them, and penalised they keep answers from ending (transformers penalises them too)
+                    mark = sorted(set(prompts[i]) - stop)
+                    seen[r, torch.tensor(mark, dtype=torch.long, device=w.device)] = True
+            new, new_lp = sample(logits, u, *sampling, seen=None if seen is None else seen[at])
+            if seen is not None:
+                seen[at, new] = True
+            for r, i, t, lp in zip(rows, idx, new.tolist(), new_lp.tolist()):
                 owner[r], held[r] = i, len(prompts[i])
                 emit(r, t, lp)
             continue  # a row that stopped at its first token is refilled before the pool decodes
@@ -307,6 +338,7 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
             # Nothing left to refill: go on with the live rows only, once an eighth of the pool is free (a
             # step's cost follows its rows: ~6 ms a row here; a compiled step keeps its one shape).
             cache = keep_rows(cache, live, max(held[r] for r in live))
+            seen = seen[live] if seen is not None else None
             owner, held, last = ([x[r] for r in live] for x in (owner, held, last))
             S, live = len(live), range(len(live))
         cache.length = span(max(held[r] for r in live) + 1, max_len, compiled)
@@ -314,7 +346,7 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
         state = torch.tensor([last, held, [len(toks[o]) if o is not None else 0 for o in owner], *zip(*k)],
                              device=w.device)                  # (5, S): last token, position, draws, key
         cache.pos.copy_(state[1])
-        tok, lp = (x.tolist() for x in step(model, cache, state[0], state[3:].T.contiguous(), state[2]))
+        tok, lp = (x.tolist() for x in step(model, cache, state[0], state[3:].T.contiguous(), state[2], seen))
         for r in live:
             held[r] += 1
             emit(r, tok[r], lp[r])
@@ -345,6 +377,7 @@ def main():
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--min_p", type=float, default=0.0)
+    ap.add_argument("--repetition_penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compute_dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -371,8 +404,8 @@ def main():
 
     t0 = time.perf_counter()
     generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-             top_k=args.top_k, min_p=args.min_p, stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile,
-             on_token=show)
+             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+             stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile, on_token=show)
     dt = time.perf_counter() - t0
     print(tok.decode(new)[len(shown):])  # whatever was held back, and the final newline
     print(f"[{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tok/s]", file=sys.stderr)

