@@ -155,14 +155,13 @@ def prefill(model, cache, rows, prompts, budget):
 
 def decode_one_token(model, cache, tok, keys, n, seen, temperature, top_k, top_p, min_p=0.0, penalty=1.0):
     # tok (S,) every row's last token, written at its position cache.pos; keys (S, 2), n (S,) each row's
-    # draw counter; seen (S, V) bool, each row's tokens so far (None without a penalty) -> the next
-    # tokens (S,) and their log-probs (S,), and the new tokens marked in seen. Rows not in use compute
-    # garbage.
-    h = model(tok[:, None], cache=cache, hidden=True)[:, 0]                              # (S, D)
-    new, lp = sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p, min_p, penalty, seen)
+    # draw counter; seen (S, V) bool, each row's prompt and answer tokens before tok (None without a
+    # penalty), tok marked in it here -> the next tokens (S,) and their log-probs (S,). Rows not in use
+    # compute garbage.
     if seen is not None:
-        seen.scatter_(1, new[:, None], True)
-    return new, lp
+        seen.scatter_(1, tok[:, None], True)
+    h = model(tok[:, None], cache=cache, hidden=True)[:, 0]                              # (S, D)
+    return sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p, min_p, penalty, seen)
 
 
 # ----- the pool: its size from a memory budget, the span of keys a step reads -----
@@ -319,17 +318,14 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
             logits = prefill(model, cache, rows, [prompts[i] for i in idx], budget)
             u = uniforms(torch.tensor([keys[i] for i in idx], device=w.device),
                          torch.zeros(len(idx), dtype=torch.long, device=w.device))        # draw 0
-            at = torch.tensor(rows, device=w.device)
-            if seen is not None:
-                seen[at] = False
-                for r, i in zip(rows, idx):  # the prompt's tokens but never a stop id: a chat prompt holds
-                    # them, and penalised they keep answers from ending (transformers penalises them too)
-                    mark = sorted(set(prompts[i]) - stop)
-                    seen[r, torch.tensor(mark, dtype=torch.long, device=w.device)] = True
-            new, new_lp = sample(logits, u, *sampling, seen=None if seen is None else seen[at])
-            if seen is not None:
-                seen[at, new] = True
-            for r, i, t, lp in zip(rows, idx, new.tolist(), new_lp.tolist()):
+            if seen is not None:  # the prompts' tokens but never a stop id: a chat prompt holds them, and
+                # penalised they keep answers from ending (transformers penalises them too)
+                for r, i in zip(rows, idx):
+                    seen[r] = False
+                    seen[r, torch.tensor(sorted(set(prompts[i]) - stop), device=w.device).long()] = True
+                seen_rows = seen[torch.tensor(rows, device=w.device)]
+            new = sample(logits, u, *sampling, seen=seen_rows if seen is not None else None)
+            for r, i, t, lp in zip(rows, idx, *(x.tolist() for x in new)):
                 owner[r], held[r] = i, len(prompts[i])
                 emit(r, t, lp)
             continue  # a row that stopped at its first token is refilled before the pool decodes
