@@ -188,8 +188,9 @@ def test_bad_data_is_one_line_error(setup, tmp_path):
     assert f"{bad}:2: no assistant answer" in r.stderr
 
 
-def test_max_real_length_keeps_short_answers(setup, tmp_path):
-    # --max_real_length drops the pairs whose real answer is longer (counted), keeps the others in order.
+def test_real_length_limits_keep_answers_in_range(setup, tmp_path):
+    # --max_real_length / --min_real_length drop the pairs whose real answer is longer / shorter, keep
+    # the others in order.
     from data import Tokenizer
     from spin import Config, load_data
     data = tmp_path / "mixed.jsonl"
@@ -202,6 +203,9 @@ def test_max_real_length_keeps_short_answers(setup, tmp_path):
     held, train = load_data(cfg, tok)
     assert [a for _, a, _, _ in held + train] == ["one", "one one", "one one one"]
     assert all(len(r) <= cfg.max_real_length for *_, r in held + train)
+    cfg.min_real_length = lengths[1]
+    held, train = load_data(cfg, tok)
+    assert [a for _, a, _, _ in held + train] == ["one one", "one one one"]
 
 
 def test_default_run_settings():
@@ -216,6 +220,8 @@ def test_default_run_settings():
     assert cfg.model.endswith(".gguf") and cfg.data.endswith(".json") and cfg.first_turn and cfg.drop_long
     assert cfg.num_prompts == 5 and cfg.num_eval > 0
     assert 0 < cfg.max_real_length < cfg.max_new_tokens and cfg.min_p > 0  # answers a sample can match
+    assert cfg.select_epoch  # the default run demonstrates the stop rule
+    assert parse_config(["--select_epoch=false"]).select_epoch is False
     assert parse_config(["--min_p=0"]).min_p == 0
 
 
