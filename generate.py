@@ -80,7 +80,7 @@ def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
         remove[:, -1] = False                                   # the most likely token always stays
         logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
     if min_p > 0:  # keep tokens at least min_p times as likely as the most likely one
-        top = logits.amax(-1, keepdim=True)                                      # (B, 1)
+        top = logits.amax(-1, keepdim=True)                                            # (B, 1)
         logits = logits.masked_fill(logits < top + math.log(min_p), float("-inf"))
     return logits
 
@@ -100,7 +100,7 @@ def sample(logits, u, temperature, top_k, top_p, min_p=0.0, penalty=1.0, seen=No
     if temperature != 1:
         logits = logits / temperature
     logits = filter_logits(logits, top_k, top_p, min_p)
-    top = logits.amax(-1, keepdim=True)                                           # (B, 1)
+    top = logits.amax(-1, keepdim=True)                                                 # (B, 1)
     cdf = (logits - top).exp_().cumsum_(-1)                                             # (B, V)
     total = cdf[:, -1]
     target = u * total.double()

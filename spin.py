@@ -73,7 +73,7 @@ class Config:
     max_real_length: int = 0        # drop pairs whose real answer has more tokens (0 = no limit): prompts
                                     # that ask for short answers, which a small model can finish too
     min_real_length: int = 0        # drop pairs whose real answer has fewer tokens: with max_real_length,
-                                    # real answers as long as the model's own, so length cannot tell them apart
+                                    # real answers as long as the model's own (length then tells less)
     skip_bad: bool = False          # skip (and count) malformed records instead of stopping
     chat_template: str = ""         # a .jinja file for checkpoints without a chat template
     gen_batch_size: int = 0         # rows of each process's generation pool (continuous batching: a row is
@@ -387,7 +387,7 @@ def load_data(cfg, tok):
             break
     print0(f"data: {cfg.data}: {stats['records']} records, {len(pairs)} pairs; skipped {stats['skipped']} "
            f"malformed, {stats['filtered']} filtered, {stats['cut_off']} cut off at the end of the file; "
-           f"{dropped} dropped as too long, {cut} truncated")
+           f"{dropped} dropped by the length limits, {cut} truncated")
     if len(examples) <= cfg.num_eval:
         sys.exit(f"{cfg.data}: {len(examples)} usable pairs, not enough for {cfg.num_eval} held-out + "
                  f"training")

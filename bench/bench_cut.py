@@ -40,8 +40,9 @@ def main():
     samplers = ([tuple(map(float, s.split(":"))) for s in args.samplers.split(",")] if args.samplers else
                 [(cfg.temperature, cfg.repetition_penalty), (cfg.temperature, 1.0)])
     caps = [c for c in map(int, args.caps.split(",")) if c <= args.cap]
+    real = quartiles([len(r) for *_, r in train])
     print(f"{len(prompts)} training prompts of the default run {' '.join(spin_flags)}, min_p {cfg.min_p}, "
-          f"one run at cap {args.cap}; real answers: length quartiles {quartiles([len(r) for *_, r in train])}")
+          f"one run at cap {args.cap}; real answers: length quartiles {real}")
     print("temperature  penalty   seconds  mean len  " + "  ".join(f"cut@{c:<4d}" for c in caps) +
           "  length quartiles")
     for temperature, penalty in samplers:
@@ -54,8 +55,8 @@ def main():
         ends = [len(o) if o and o[-1] in tok.eos_ids else None for o in out]
         cut = "  ".join(f"{sum(e is None or e > c for e in ends) / len(out):8.3f}" for c in caps)
         mean = sum(map(len, out)) / len(out)
-        print(f"{temperature:11.2f}  {penalty:7.2f}  {wall:8.1f}  {mean:8.1f}  {cut}  {quartiles(list(map(len, out)))}",
-              flush=True)
+        lengths = quartiles(list(map(len, out)))
+        print(f"{temperature:11.2f}  {penalty:7.2f}  {wall:8.1f}  {mean:8.1f}  {cut}  {lengths}", flush=True)
 
 
 def quartiles(lengths):
