@@ -330,9 +330,11 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
                 emit(r, t, lp)
             continue  # a row that stopped at its first token is refilled before the pool decodes
         live = [r for r in range(S) if owner[r] is not None]
-        if not waiting and S - len(live) >= max(1, S // 8) and not compiled:
-            # Nothing left to refill: go on with the live rows only, once an eighth of the pool is free (a
-            # step's cost follows its rows: ~6 ms a row here; a compiled step keeps its one shape).
+        if not waiting and len(live) < S and not compiled:
+            # Nothing left to refill: go on with the live rows only (a step's cost follows its rows; a
+            # compiled step keeps its one shape). Live rows past the new end fill the free rows before it.
+            movers = iter(r for r in live if r >= len(live))
+            live = [r if owner[r] is not None else next(movers) for r in range(len(live))]
             cache = keep_rows(cache, live, max(held[r] for r in live))
             seen = seen[live] if seen is not None else None
             owner, held, last = ([x[r] for r in live] for x in (owner, held, last))
@@ -350,9 +352,9 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
 
 
 def keep_rows(cache, rows, n):
-    # The cache cut to `rows` (ascending), in place: each live row moves down to the first free row
-    # before it (its first n slots; rows already in place are not copied), then the pool is the first
-    # len(rows) rows of the same storage. Each layer's slice stays contiguous.
+    # The cache cut to `rows`, in place: row j of the result is row rows[j] (its first n slots), where
+    # rows[j] is j (not copied) or a row past the result's end (never overwritten before it is read). The
+    # pool is then the first len(rows) rows of the same storage: each layer's slice stays contiguous.
     for j, r in enumerate(rows):
         if r != j:
             cache.k[:, j, :, :n], cache.v[:, j, :, :n] = cache.k[:, r, :, :n], cache.v[:, r, :, :n]

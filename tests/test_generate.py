@@ -162,6 +162,27 @@ def test_continuous_refills_rows_while_others_decode(models):
         assert still_decoding == (longer if refill == 0 else set())
 
 
+def test_drained_pool_decodes_live_rows_only(models, monkeypatch):
+    # Once no prompt waits, every step decodes exactly the rows still answering: the pool shrinks as each
+    # row stops, the live rows past its new end moving into the freed ones with their caches (answers the
+    # same as each prompt's alone).
+    import generate as g
+    model, ps, rows = models["llama"], prompts(LENGTHS * 2), []
+    free = generate(model, ps, 12, seed=0)
+    stop = max(sorted({t for f in free for t in f}), key=lambda s: len({len(cut(f, s)) for f in free}))
+    alone = [generate(model, [p], 12, seed=0, stop_ids=[stop])[0] for p in ps]
+    make_step = g.make_step
+
+    def counting(*args):
+        step = make_step(*args)
+        return lambda m, c, tok, *rest: rows.append(len(tok)) or step(m, c, tok, *rest)
+    monkeypatch.setattr(g, "make_step", counting)
+    out = generate(model, ps, 12, seed=0, stop_ids=[stop], pool=len(ps))
+    assert out == alone and len({len(a) for a in out}) > 2  # answers of several lengths: rows free mid-way
+    assert sum(rows) == sum(len(a) - 1 for a in out)  # the first token comes from the prefill
+    assert rows == sorted(rows, reverse=True) and rows[0] == sum(len(a) > 1 for a in out)
+
+
 def test_pool_size_from_memory_and_span(models):
     cfg = models["llama"].config  # 2 layers, 2 key/value heads of 16, vocabulary 307
     per_row = 2 * 2 * 2 * 16 * 128 * 4 + 4 * 307 * 4  # keys and values of 128 slots in fp32, sampling rows
