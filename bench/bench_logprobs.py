@@ -1,5 +1,5 @@
 # Peak extra memory and time of forward + backward of per-token log-probs: the naive path (full fp32 logits,
-# log_softmax, gather) against kernels.fused_logprobs (impl auto: Triton on CUDA or under TRITON_INTERPRET=1,
+# log_softmax, gather) against spin_kernels.fused_logprobs (impl auto: Triton on CUDA or under TRITON_INTERPRET=1,
 # the PyTorch twin on CPU). Default shape: 4096 tokens x SmolLM2-135M's head (D=576, V=49152).
 # Paths: naive; fused; fwd (fused, forward only, no grad: splits the fused time into its two passes);
 # filtered (fused with filter=True, prints the share of the backward it skipped); old (Triton only: the
@@ -25,8 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
-from kernels import fused_logprobs  # noqa: E402
+import spin_kernels  # noqa: E402
+from spin_kernels import fused_logprobs  # noqa: E402
 from model import compute_dtype  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,11 +56,11 @@ def twin(h, w, t):
     return fused_logprobs(h, w, t, impl="torch")
 
 
-if kernels.logprobs_triton is not None:  # the replaced backward, for the comparison only
+if spin_kernels.logprobs_triton is not None:  # the replaced backward, for the comparison only
     import triton
     import triton.language as tl
 
-    from kernels.logprobs import _dot_dtype, _logits
+    from spin_kernels.logprobs import _dot_dtype, _logits
 
     @triton.jit
     def _old_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, N, V, D, DOT: tl.constexpr,
@@ -96,7 +96,7 @@ if kernels.logprobs_triton is not None:  # the replaced backward, for the compar
     class _Old(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, w, t):
-            logp, lse, _ = kernels.logprobs_triton.forward(h, w, t)
+            logp, lse, _ = spin_kernels.logprobs_triton.forward(h, w, t)
             ctx.save_for_backward(h, w, t, lse)
             return logp
 
@@ -104,7 +104,7 @@ if kernels.logprobs_triton is not None:  # the replaced backward, for the compar
         def backward(ctx, grad):
             h, w, t, lse = ctx.saved_tensors
             (N, D), V = h.shape, w.shape[0]
-            bn, bv, bd = kernels.logprobs_triton._blocks(h, None, None, None)
+            bn, bv, bd = spin_kernels.logprobs_triton._blocks(h, None, None, None)
             g = torch.where(t == -100, 0.0, grad.float()).contiguous()
             dh = torch.zeros(N, D, dtype=torch.float32, device=h.device)
             dw = torch.zeros(V, D, dtype=torch.float32, device=h.device)
@@ -117,7 +117,7 @@ if kernels.logprobs_triton is not None:  # the replaced backward, for the compar
 
 
 PATHS = {"naive": naive, "fused": fused, "fwd": fwd, "filtered": filtered, "twin": twin}
-PATHS.update({"old": old} if kernels.logprobs_triton is not None else {})
+PATHS.update({"old": old} if spin_kernels.logprobs_triton is not None else {})
 
 
 def setup(a, dtype):
@@ -231,19 +231,19 @@ def real_share(a):
     V = w.shape[0]
     print(f"gradient filtering on SmolLM2-135M-Instruct's own softmax, {len(t)} README tokens, V={V}:")
     for width in (1024, 4096, 16384):
-        _, lse, part = kernels.logprobs_torch.forward(h, w, t, vocab_chunk=width)
+        _, lse, part = spin_kernels.logprobs_torch.forward(h, w, t, vocab_chunk=width)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             stats = {}
-            kernels.logprobs_torch.keep_mask(part, lse, t, t >= 0, width, V, dtype, stats)
+            spin_kernels.logprobs_torch.keep_mask(part, lse, t, t >= 0, width, V, dtype, stats)
             print(f"  chunks of {width:5d} columns, {str(dtype)[6:]:8s}: {stats['skipped']:.1%} of the "
                   f"backward's logits skipped")
     # and the bf16 noise in these log-probs (issue 9): inputs rounded to bf16, then also the bf16 GEMMs
     # (emulated where compute_dtype says fp32: slow)
-    ref = kernels.logprobs_torch.forward(h, w, t)[0]
+    ref = spin_kernels.logprobs_torch.forward(h, w, t)[0]
     h16, w16 = h.bfloat16(), w.bfloat16()
     for name, got in [("inputs rounded to bf16, fp32 maths", (h16.float(), w16.float())),
                       ("inputs rounded to bf16, bf16 GEMMs", (h16, w16))]:
-        d = kernels.logprobs_torch.forward(*got, t)[0] - ref
+        d = spin_kernels.logprobs_torch.forward(*got, t)[0] - ref
         print(f"  log-probs, {name}: |error| mean {d.abs().mean():.4f}, max {d.abs().max():.4f} nats per "
               f"token; summed over all {len(t)} tokens: {d.sum():+.3f} (sum of log-probs {ref.sum():.1f})")
 
@@ -270,11 +270,11 @@ def main():
     if a.worker:
         return worker(a)
     auto = compute_dtype(a.device)
-    triton_path = kernels.TRITON_INTERPRET or (kernels.TRITON_CUDA and cuda)
+    triton_path = spin_kernels.TRITON_INTERPRET or (spin_kernels.TRITON_CUDA and cuda)
     paths = a.paths.split(",") if a.paths else ["naive", "fused"] + (["fwd", "old"] if triton_path else [])
     print(f"forward+backward of log p(target): {a.tokens} tokens, D={a.dim}, V={a.vocab}, {a.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; fused = "
-          f"{'Triton' + (' (interpreter)' if kernels.TRITON_INTERPRET else '') if triton_path else 'twin'}")
+          f"{'Triton' + (' (interpreter)' if spin_kernels.TRITON_INTERPRET else '') if triton_path else 'twin'}")
     print(f"model.compute_dtype({a.device!r}) = {auto}"
           + ("" if auto == torch.bfloat16 or cuda else
              ": bf16 is emulated here (~100x slower), so auto runs fp32 only; --dtype fp32,bf16 forces it"))

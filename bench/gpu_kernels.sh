@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of kernels/ in one 15-minute device window (H100/H200, no internet), issue 14's numbers first:
+# GPU check of spin_kernels/ in one 15-minute device window (H100/H200, no internet), issue 14's numbers first:
 # bf16 forward + backward at Llama 3's head (D=4096, V=128256) and SmolLM2's (D=576, V=49152), 4096 tokens,
 # time and peak memory of the naive path, the fused kernel, its forward alone and the old kernel (atomics
 # backward), in the same run (SmolLM2 also: the filtered backward, the PyTorch twin); then the kernel
@@ -29,8 +29,8 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 t() { python -c "print(max(20, int($1 * $S)))"; }  # a step's timeout, seconds
-python -c "import torch, triton, kernels; print('torch', torch.__version__, 'triton', triton.__version__,
-  'cuda', torch.cuda.is_available(), 'Triton path', kernels.TRITON_CUDA or kernels.TRITON_INTERPRET)"
+python -c "import torch, triton, spin_kernels; print('torch', torch.__version__, 'triton', triton.__version__,
+  'cuda', torch.cuda.is_available(), 'Triton path', spin_kernels.TRITON_CUDA or spin_kernels.TRITON_INTERPRET)"
 step "$(t 120)" python bench/bench_logprobs.py $DEV --dtype bf16 $LLAMA $PATHS
 step "$(t 90)" python bench/bench_logprobs.py $DEV --dtype bf16 $SMOL $PATHS,filtered,twin
 step "$(t 200)" python -m pytest -q -p no:cacheprovider -rs --durations=5 tests/test_kernels.py ${TESTS[@]+"${TESTS[@]}"}

@@ -1,4 +1,4 @@
-# kernels.fused_logprobs (Triton and PyTorch twin) against the plain reference
+# spin_kernels.fused_logprobs (Triton and PyTorch twin) against the plain reference
 # log_softmax(h.float() @ W.float().T).gather(...): values and both gradients, over odd shapes and dtypes,
 # within per-element tolerances derived from each path's arithmetic (tolerances), with and without
 # gradient filtering (against the same maths with the skipped pairs zeroed).
@@ -15,13 +15,13 @@ import types
 import pytest
 import torch
 
-import kernels
-from kernels import fused_logprobs, logprobs_torch, sequence_logprobs
+import spin_kernels
+from spin_kernels import fused_logprobs, logprobs_torch, sequence_logprobs
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRITON_HERE = kernels.logprobs_triton is not None and (CUDA or kernels.TRITON_INTERPRET)
+TRITON_HERE = spin_kernels.logprobs_triton is not None and (CUDA or spin_kernels.TRITON_INTERPRET)
 IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_HERE, reason="no GPU: runs under the interpreter in test_interpreter_child"))]
 
@@ -46,7 +46,7 @@ def assert_close(name, got, want, atol, rtol):
 
 def tolerances(h, w, t, grad, ignore_index, impl):
     # -> atol of logp (N,), d_hidden (N, D), d_weight (V, D), and the gradients' rtol: per-element bounds
-    # from each path's arithmetic (kernels/README.md, "Precision"), not loosened until tests pass.
+    # from each path's arithmetic (spin_kernels/README.md, "Precision"), not loosened until tests pass.
     # Every path sums in fp32 (16-bit inputs are exact there). We take an fp32 sum to be within
     # c32 = 1e-6 (16 u32: blocked summation of these sizes) of its sum of absolute values: the logits
     # within e_ij = c32 (|h| @ |w|.T)_ij, so lse within max_j e_ij, logp within e_it + max_j e_ij, and each
@@ -189,7 +189,7 @@ def test_filtering(impl, dtype):
     n, v, width = 67, 1003, 256
     h, w, t, grad = make(n, 48, v, dtype, ignore_every=5, scale=40.0)
     valid, safe = t != -100, t.clamp(min=0)
-    mod = {"torch": logprobs_torch, "triton": kernels.logprobs_triton}[impl]
+    mod = {"torch": logprobs_torch, "triton": spin_kernels.logprobs_triton}[impl]
     _, lse, part = mod.forward(h.detach(), w.detach(), t, **FILTER_TILES[impl])  # what the backward reads
     keep = logprobs_torch.keep_mask(part, lse, safe, valid, width, v, dtype).cpu()  # (N, 4)
     # keep is the criterion: the same pairs as from exact logits, bar those whose log-mass is within the
@@ -257,7 +257,7 @@ def test_cuda_realistic(n, d, v, dtype):
     check("triton", n, d, v, dtype, ignore_every=7)
 
 
-@pytest.mark.skipif(CUDA or kernels.TRITON_INTERPRET or kernels.logprobs_triton is None,
+@pytest.mark.skipif(CUDA or spin_kernels.TRITON_INTERPRET or spin_kernels.logprobs_triton is None,
                     reason="Triton cases run in this process")
 def test_interpreter_child():
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -281,24 +281,55 @@ def test_dispatch(monkeypatch):
     calls = []
     spy = types.SimpleNamespace(backward=logprobs_torch.backward,
                                 forward=lambda *a, **k: calls.append(1) or logprobs_torch.forward(*a, **k))
-    monkeypatch.setattr(kernels, "logprobs_triton", spy)
+    monkeypatch.setattr(spin_kernels, "logprobs_triton", spy)
     cases = [(False, False, "cpu", 0), (False, True, "cpu", 0), (True, False, "cpu", 1)]
     cases += [(False, True, "cuda", 1)] if CUDA else []
     for interpret, cuda, device, want in cases:
-        monkeypatch.setattr(kernels, "TRITON_INTERPRET", interpret)
-        monkeypatch.setattr(kernels, "TRITON_CUDA", cuda)
+        monkeypatch.setattr(spin_kernels, "TRITON_INTERPRET", interpret)
+        monkeypatch.setattr(spin_kernels, "TRITON_CUDA", cuda)
         calls.clear()
         fused_logprobs(*make(4, 8, 11, torch.float32, device=device)[:3])
         assert len(calls) == want, (interpret, cuda, device)
 
 
 def test_import_cpu_only():
-    code = ("import sys; sys.modules['triton'] = None; import kernels, torch; "  # None: import fails
-            "print(kernels.logprobs_triton, kernels.fused_logprobs("
+    code = ("import sys; sys.modules['triton'] = None; import spin_kernels, torch; "  # None: import fails
+            "print(spin_kernels.logprobs_triton, spin_kernels.fused_logprobs("
             "torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 4, -100])).shape)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "torch.Size([3])"]
+
+
+OURS = ("import model, spin_kernels, torch; m = model.Transformer(model.Config(vocab_size=11, hidden_size=8, "
+        "intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)); "
+        "print(spin_kernels.fused_logprobs(torch.randn(3, 8), m.lm_head.weight, torch.tensor([0, 4, 10])).shape)")
+THEIRS = ("import transformers; print(transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=11, "
+          "hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)).num_parameters())")
+
+
+@pytest.mark.parametrize("order", ["transformers first", "ours first"])
+def test_no_shadowing_from_repo_root(order):
+    # transformers >= 5.25 imports Hugging Face's `kernels` package when it builds a model; run from the
+    # repository root (pytest, python -c, a notebook) a top-level `kernels/` of ours would shadow it. One
+    # process builds a transformers model and ours and runs the fused kernel, in either order.
+    code = "; ".join([THEIRS, OURS] if order == "transformers first" else [OURS, THEIRS])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([3])" in out.stdout
+
+
+def test_top_level_names_are_ours_alone():
+    # No top-level module of this repository may share its name with an installed package (the
+    # dependencies and the dev ones): any of them could import it and get ours. Looked up from outside
+    # the repository, so only site-packages answer.
+    names = sorted({f.removesuffix(".py") for f in os.listdir(ROOT) if f.endswith(".py")} |
+                   {d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "__init__.py"))})
+    code = f"import importlib.util as u; print([n for n in {names!r} if u.find_spec(n)])"
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"installed packages shadowed by ours: {out.stdout.strip()}"
 
 
 def test_mismatch_report_fires():
