@@ -25,6 +25,7 @@ from collections import deque
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import KVCache, Transformer, compute_dtype
@@ -69,6 +70,20 @@ def penalize(logits, seen, penalty):
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
+def running_sum(x, chunk=32):
+    # x (B, V) >= 0 -> its cumulative sums along V (B, V). Eager: x.cumsum(-1). Compiled: two scans, within
+    # chunks of 32 entries, then over the chunks' totals: Inductor in torch 2.11 crashes generating CUDA code
+    # for a long scan whose input is computed with a per-row value, as (logits - top).exp() is
+    # (pytorch#180369); a scan of 32 entries is never split, and the totals' scan reads a plain buffer
+    # (tests: the step's Triton code, generated on a CPU). Not eager: three passes over (B, V), not one.
+    if not torch.compiler.is_compiling():
+        return x.cumsum(-1)
+    B, V = x.shape
+    w = F.pad(x, (0, -V % chunk)).view(B, -1, chunk).cumsum(-1)                        # (B, C, chunk)
+    before = F.pad(w[:, :-1, -1].cumsum(-1), (1, 0))                                   # (B, C)
+    return before.repeat_interleave(chunk, 1)[:, :V] + w.flatten(1)[:, :V]  # not a view: searchsorted
+
+
 def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
     # logits (B, V) -> the same with -inf where top-k / top-p / min-p remove a token.
     if top_k > 0:  # keep the k largest, and anything tied with the k-th
@@ -76,7 +91,7 @@ def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
         ascending, idx = logits.sort(-1)
-        remove = ascending.softmax(-1).cumsum(-1) <= 1 - top_p  # the mass at or below each token
+        remove = running_sum(ascending.softmax(-1)) <= 1 - top_p  # the mass at or below each token
         remove[:, -1] = False                                   # the most likely token always stays
         logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
     if min_p > 0:  # keep tokens at least min_p times as likely as the most likely one
@@ -101,7 +116,7 @@ def sample(logits, u, temperature, top_k, top_p, min_p=0.0, penalty=1.0, seen=No
         logits = logits / temperature
     logits = filter_logits(logits, top_k, top_p, min_p)
     top = logits.amax(-1, keepdim=True)                                                 # (B, 1)
-    cdf = (logits - top).exp_().cumsum_(-1)                                             # (B, V)
+    cdf = running_sum((logits - top).exp_())                                            # (B, V)
     total = cdf[:, -1]
     target = u * total.double()
     below = target.float()
@@ -234,6 +249,7 @@ def groups(state):  # a module's FSDP parameter groups: one in torch <= 2.11, a 
 # ----- the scheduler -----
 
 _compiled = {}  # one compiled step per sampling setting: the settings are graph constants
+COMPILE_ON = ("cuda",)  # where compile=True compiles: on CPU it was 2.4x slower (the tests add "cpu")
 
 
 def make_step(sampling, cache, seen, compile):
@@ -244,7 +260,9 @@ def make_step(sampling, cache, seen, compile):
     # addresses marked static; the pool's shape never changes, so refills replay the same graphs.
     for t in (cache.k, cache.v, cache.pos) + ((seen,) if seen is not None else ()):
         torch._dynamo.mark_static_address(t)
-    _compiled[sampling] = _compiled.get(sampling) or torch.compile(step, mode="reduce-overhead")
+    # fullgraph: one graph a step, or an error; a break would split the CUDA graph and cost launches.
+    _compiled[sampling] = _compiled.get(sampling) or torch.compile(step, mode="reduce-overhead",
+                                                                   fullgraph=True)
     return _compiled[sampling]
 
 
@@ -287,7 +305,7 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
     max_len = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
     S = min(len(prompts), pool or pool_size(model.config, max_len, w.dtype, w.device))
     cache = KVCache(model.config, S, max_len, w.dtype, w.device)
-    compiled = compile and w.device.type == "cuda"
+    compiled = compile and w.device.type in COMPILE_ON
     # seen: each row's tokens so far, prompt included, for the repetition penalty (None without one)
     seen = torch.zeros(S, model.config.vocab_size, dtype=torch.bool, device=w.device) \
         if sampling[-1] != 1 else None                                                    # (S, V)

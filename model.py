@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from spin_kernels import fused_logprobs
@@ -165,6 +165,53 @@ def visibility(pos, doc, branch, window=None):
             ok = ok & (pos[b, q] - pos[b, k] < window)
         return ok
     return visible
+
+
+def block_mask(layout, window=None, block=128):
+    # The packed layout's FlexAttention BlockMask, built from its spans in a few vectorised ops: no
+    # per-shape compile (create_block_mask compiles a kernel for every row length) and no T x T work.
+    # A layout as data.pack and forward make it: each document one contiguous span, its prompt
+    # (branch 0, positions 0..P-1) first, then each answer contiguous (positions from P on), padding doc
+    # -1. So a query sees at most two runs of keys: its own segment up to itself (a prompt token: the
+    # prompt so far; an answer token: its answer so far), and for an answer token the whole prompt; a
+    # window cuts the start of both. Counting, per query and key block, the keys in those runs says per
+    # block pair: none, some (partial: visibility decides per pair) or all (full: computed unmasked).
+    pos, doc, branch = layout                                                    # (B, T) each
+    (B, T), dev = doc.shape, doc.device
+    idx = torch.arange(T, device=dev).expand(B, T)
+    first = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    new_doc = torch.cat((first, doc[:, 1:] != doc[:, :-1]), 1)
+    new_seg = new_doc | torch.cat((first, branch[:, 1:] != branch[:, :-1]), 1)
+    seg_start = torch.where(new_seg, idx, 0).cummax(1).values                   # (B, T)
+    doc_start = torch.where(new_doc, idx, 0).cummax(1).values
+    last = torch.cat((new_seg[:, 1:], first), 1)                                 # a segment's last token
+    seg_end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)     # (B, T) exclusive
+    # run 1: own segment up to q (padding: a segment of its own tokens, each seeing only itself)
+    lo1 = torch.where(doc < 0, idx, seg_start)
+    # run 2, answers only: the document's prompt, [doc_start, end of its first segment)
+    answer = (branch > 0) & (doc >= 0)
+    lo2 = torch.where(answer, doc_start, 0)
+    hi2 = torch.where(answer, seg_end.gather(1, doc_start), 0)
+    if window:  # keys with pos[q] - pos[k] < window; in a run, positions step by one with the index
+        lo1 = torch.maximum(lo1, idx - window + 1)
+        lo2 = torch.maximum(lo2, doc_start + pos - window + 1)
+    nb = -(-T // block)
+    k0 = torch.arange(nb, device=dev) * block                                   # (nb,) block starts
+    k1 = (k0 + block).clamp(max=T)
+
+    def overlap(lo, hi):  # (B, T) runs [lo, hi) -> (B, T, nb) keys of each run in each key block
+        return (torch.minimum(hi[..., None], k1) - torch.maximum(lo[..., None], k0)).clamp(min=0)
+    per_query = overlap(lo1, idx + 1) + overlap(lo2, torch.maximum(hi2, lo2))    # (B, T, nb)
+    per_query = F.pad(per_query, (0, 0, 0, nb * block - T))                       # whole query blocks
+    seen = per_query.view(B, nb, block, nb).sum(2)                               # (B, nq, nk) pairs seen
+    full = seen == block * block  # a block pair that runs past T is never full: its mask is applied
+    partial = (seen > 0) & ~full
+
+    def blocks(keep):  # (B, nq, nk) bool -> (B, 1, nq) counts, (B, 1, nq, nk) indices, kept ones first
+        order = keep.int().argsort(dim=-1, descending=True, stable=True)
+        return keep.sum(-1, dtype=torch.int32)[:, None], order.int()[:, None]
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block,
+                                    mask_mod=visibility(pos, doc, branch, window), seq_lengths=(T, T))
 
 
 _flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
@@ -369,10 +416,9 @@ class Transformer(nn.Module):
         if layout is None:
             z = torch.zeros_like(tokens)
             layout = (torch.arange(T, device=dev).expand(B, T), z, z)
-        visible = visibility(*layout, w)
         if self.flex if self.flex is not None else tokens.is_cuda:
-            return create_block_mask(visible, B, None, T, T, device=dev, _compile=tokens.is_cuda)
-        spans, doc = [], layout[1]
+            return block_mask(layout, w)
+        spans, doc, visible = [], layout[1], visibility(*layout, w)
         for b, ends in enumerate((doc[:, 1:] != doc[:, :-1]).tolist()):
             starts = [0] + [j + 1 for j, new in enumerate(ends) if new]
             for s, e in zip(starts, starts[1:] + [T]):

@@ -250,9 +250,12 @@ def token_budget(cfg):
 def group_logprobs(model, groups, row, cfg):
     # One packed row of group indices -> its (G, A) fp32 log p(answer | prompt) (sums over each answer's
     # tokens: SPIN compares whole sequences) and its number of answer tokens. On CUDA the row is padded to
-    # the budget: one shape for the compiled FlexAttention kernels.
+    # a multiple of a quarter of the budget: FlexAttention's kernels are compiled per row length, so at
+    # most four lengths (x2: with and without gradients), and the padding costs under a quarter of a row.
+    quantum = max(128, token_budget(cfg) // 4 // 128 * 128)
+    length = -(-sum(lengths_of([groups[g] for g in row])) // quantum) * quantum
     tokens, layout, targets, owner = pack([groups[g] for g in row], [list(range(len(row)))], PAD, DEVICE,
-                                          length=token_budget(cfg) if DEVICE.type == "cuda" else None)
+                                          length=length if DEVICE.type == "cuda" else None)
     A = len(groups[row[0]][1])
     logp = model(tokens, layout=layout, targets=targets)                                   # (n,)
     return torch.zeros(len(row) * A, device=DEVICE).index_add(0, owner, logp).view(-1, A), len(owner)

@@ -22,7 +22,12 @@ def _logits(bufs, h, w, bias=None):
     # bias (n, 1), added inside the GEMM before that rounding, is minus a 16-bit number near the row's top
     # logits, which makes the error u |z + bias|: small on exactly the logits that carry probability.
     # Then one (n, v) upcast pass, instead of upcasting the (v, D) weight tile before the GEMM.
+    # CUDA has fp32-output GEMMs for 16-bit operands (mm32): no 16-bit rounding at all there. (Its bf16
+    # addmm was 0.63 off at a logit of ~128, more than one rounding: the bias added after rounding.)
     n, v = h.shape[0], w.shape[0]
+    if h.is_cuda and h.dtype != torch.float32:
+        z = mm32(h, w.T)
+        return z if bias is None else z.add_(bias.float())
     z = bufs[0][:n * v].view(n, v)
     if h.dtype == torch.float32:  # (no bias: fp32 keeps the twin's earlier results bit for bit)
         return torch.mm(h, w.T, out=z)

@@ -1,10 +1,12 @@
 # Packed pairs ([prompt | real | generated], whole pairs per row) against each sequence alone: the same
 # log p(answer | prompt) and the same gradients, for every family; answers never see each other.
+import time
+
 import pytest
 import torch
 
 from data import pack
-from model import Transformer
+from model import Transformer, block_mask, visibility
 from spin import micro_batches
 
 # Mistral's window is 8 positions: every group below is longer, so the window must count positions of the
@@ -105,3 +107,76 @@ def test_micro_batches_hold_every_group_once_within_budget():
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     # first-fit decreasing: 41 alone (longer than the budget), 30 | 30 | 25 + 3 | 19 + 8 | 12 + 7
     assert rows == [[8], [0], [6], [3, 4], [2, 7], [5, 1]]
+
+
+def block_sets(bm):
+    # a BlockMask's lists -> its partial and full block pairs, (B, nq, nk) bool each: the first counts[q]
+    # entries of indices[q] are the key blocks listed for query block q
+    out = []
+    for counts, indices in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
+        first = torch.arange(indices.shape[-1]) < counts[:, 0, :, None].long()               # (B, nq, nk)
+        out.append(torch.zeros_like(first).scatter(-1, indices[:, 0].long(), first))
+    return out
+
+
+def dense_blocks(layout, window, block):
+    # per block pair, from the dense rule itself: (B, nq, nk) count of visible (query, key) pairs
+    B, T = layout[0].shape
+    i = torch.arange(T)
+    seen = visibility(*layout, window)(torch.arange(B)[:, None, None], None, i[None, :, None], i[None, None, :])
+    nb = -(-T // block)
+    seen = torch.nn.functional.pad(seen, (0, nb * block - T, 0, nb * block - T))
+    return seen.view(B, nb, block, nb, block).sum((2, 4))
+
+
+def layouts():
+    # packed rows (ragged, padded, several groups a row, empty-prompt-free), as spin.py makes them;
+    # a left-padded batch as forward's mask= makes it; one long sequence (a window without a layout)
+    g = torch.Generator().manual_seed(3)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    gs = [([1] * rand(1, 30), [[2] * rand(0, 40), [3] * rand(1, 25)]) for _ in range(12)]
+    yield pack(gs, [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11]], 0)[1]
+    yield pack(gs, [[5, 1], [2]], 0, length=200)[1]
+    mask = torch.tensor([[0] * 37 + [1] * 80, [1] * 117, [0] * 100 + [1] * 17]).long()
+    yield ((mask.cumsum(-1) - 1).clamp(min=0), mask - 1, torch.zeros_like(mask))
+    z = torch.zeros(1, 150, dtype=torch.long)
+    yield torch.arange(150)[None], z, z
+
+
+@pytest.mark.parametrize("window", [None, 8, 33])
+@pytest.mark.parametrize("block", [8, 16, 128])
+def test_block_mask_equals_the_dense_rule(window, block):
+    # Every block pair is listed exactly as the dense rule says: full iff all of its (query, key) pairs
+    # are visible (the kernel skips the mask there), partial iff some are, absent iff none.
+    for layout in layouts():
+        partial, full = block_sets(block_mask(layout, window, block))
+        seen = dense_blocks(layout, window, block)
+        assert torch.equal(full, seen == block * block)
+        assert torch.equal(partial, (seen > 0) & (seen < block * block))
+
+
+def test_block_mask_catches_a_wrong_rule():
+    # the comparison can fail: the mask of a layout whose generated answers could see the real ones
+    layout = next(layouts())
+    pos, doc, branch = layout
+    partial, full = block_sets(block_mask(layout, None, 8))
+    seen = dense_blocks((pos, doc, torch.zeros_like(branch)), None, 8)  # one branch: answers see each other
+    assert not torch.equal(partial | full, seen > 0)
+
+
+def test_block_mask_of_a_long_row_is_quick():
+    # The packed row of a GPU micro-batch (16,384 tokens, ~30 pairs) takes milliseconds to mask (the
+    # compiled create_block_mask this replaced spent minutes on a GPU). A guard against that, not a bench.
+    g = torch.Generator().manual_seed(0)
+    rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    gs = [([1] * rand(20, 256), [[2] * rand(32, 512), [3] * rand(64, 256)]) for _ in range(32)]
+    row, n = [], 0
+    for i, (p, answers) in enumerate(gs):
+        if n + len(p) + sum(map(len, answers)) <= 16384:
+            row, n = row + [i], n + len(p) + sum(map(len, answers))
+    layout = pack(gs, [row], 0, length=16384)[1]
+    block_mask(layout, 4096)  # warm-up: first calls load kernels
+    t0 = time.perf_counter()
+    bm = block_mask(layout, 4096)
+    assert time.perf_counter() - t0 < 1.0
+    assert bm.shape[-2:] == (16384, 16384)
