@@ -45,13 +45,13 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workload  # noqa: E402  (bench/, the script's own folder)
 from data import Tokenizer  # noqa: E402
-from generate import generate, make_step, pool_size, span  # noqa: E402
+import generate as gen  # noqa: E402
+from generate import generate, lm_head, make_step, packed_weights, pool_size, span  # noqa: E402
 from model import KVCache, Transformer, compute_dtype  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
 
@@ -117,6 +117,14 @@ def cut(tokens, stop):  # up to and including the first stop id
     return tokens[:ends[0] + 1] if ends else tokens
 
 
+def unpacked(fn):  # ours with the weights as they are: generate.py's packed_weights turned off
+    on, gen.PACK_ON = gen.PACK_ON, ()
+    try:
+        return fn()
+    finally:
+        gen.PACK_ON = on
+
+
 def timed(fn, device):
     t = time.perf_counter()
     out = fn()
@@ -143,15 +151,17 @@ def step_against_gemms(model, S, L, compile, repeats=5):
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {d: torch.randn(S, d, device=dev, dtype=dtype) for d in {m.in_features for m in lins}}
 
-    def gemms():
+    def gemms():  # as the step runs them: through the weights packed_weights packs (on CPU)
         for m in lins:
-            F.linear(xs[m.in_features], m.weight)
-        model.lm_weight @ xs[cfg.hidden_size].T
+            m(xs[m.in_features])
+        lm_head(model, xs[cfg.hidden_size])
 
     def best(fn):
         fn()
         return min(timed(fn, dev)[0] for _ in range(repeats))
-    with torch.no_grad():
+    head = getattr(model, "lm_head", None)
+    lins = [m for m in lins if m is not head]  # the head is lm_head's
+    with torch.no_grad(), packed_weights(model, not compiled):
         t_step, t_gemm, t_one = best(step), best(gemms), best(step_of(1))
         with torch.profiler.profile() as prof:
             step()
@@ -160,7 +170,7 @@ def step_against_gemms(model, S, L, compile, repeats=5):
     for e in prof.key_averages():
         name = e.key.removeprefix("aten::")
         t = e.self_device_time_total if dev.type == "cuda" else e.self_cpu_time_total
-        if name in ("mm", "addmm") or "gemm" in name.lower():
+        if name in ("mm", "addmm", "mkldnn::_linear_pointwise") or "gemm" in name.lower():
             name = "matrix products"
         elif "scaled_dot_product" in name or "flash" in name:
             name = "attention"
@@ -363,7 +373,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="our decode step compiled (CUDA)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each side, interleaved; the fastest counts")
-    ap.add_argument("--skip", default="", help="runs left out, of: static,generate,generate_batch")
+    ap.add_argument("--skip", default="", help="runs left out, of: static,unpacked,generate,generate_batch")
     ap.add_argument("--shape", default="smollm2", choices=["smollm2", *workload.SHAPES],
                     help="1b / tiny: the GPU issue's workload on a random checkpoint (header)")
     ap.add_argument("--ways", default="eager,compile,hf,hf_static,pools,hf_batch")
@@ -415,6 +425,9 @@ def main():
         "static": ("ours static", lambda ps, s: generate(
             model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
             pool=args.pool or None, refill=1, compile=args.compile)),
+        "unpacked": ("ours, weights unpacked", lambda ps, s: unpacked(lambda: generate(
+            model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
+            pool=args.pool or None, compile=args.compile))),
         "generate": ("hf generate", lambda ps, s: hf_generate(hf, ps, N, s, stop, pad, args.hf_batch)),
         "generate_batch": ("hf generate_batch", lambda ps, s: hf_generate_batch(hf, ps, N, s, stop, pad))}
     for name in args.skip.split(",") if args.skip else []:

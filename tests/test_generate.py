@@ -219,6 +219,44 @@ def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints,
     assert counters["stats"]["unique_graphs"] == graphs  # other refills, the same shapes: no new graph
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_sample_what_plain_ones_do_and_are_undone(checkpoints, monkeypatch, dtype):
+    # On CPU, bf16 generation multiplies by weights packed once into oneDNN's layout (packed_weights); fp32
+    # and, with PACK_ON emptied, bf16 by the plain nn.Linear forwards. The same answers, log-probs up to
+    # rounding, on an untied model (lm_head is a Linear: packed once, as the head) and a tied one; after
+    # generate, and after an error inside it, every forward is the plain one again, no packed copy kept.
+    import generate as gen
+    for kind in ("qwen2", "llama3_tied"):
+        model = Transformer.from_pretrained(checkpoints[kind][0], dtype).eval()
+        ps, seen = prompts(LENGTHS * 2, seed=5), set()
+        up = model.model.layers[0].mlp.up_proj
+
+        def runs():  # sampling and greedy, noting per token whether the weights were packed
+            watch = lambda i, t: seen.add((hasattr(model, "packed_head"), "forward" in up.__dict__))  # noqa
+            return sum((generate(model, ps, 20, temperature=T, top_p=0.9, stop_ids=[5], seed=2, pool=6,
+                                 return_logprobs=True, on_token=watch) for T in (0.9, 0)), [])
+        packed = runs()
+        packs = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16 units
+        assert seen == {(packs, packs)}  # every token from packed weights, or none
+        seen.clear()
+        monkeypatch.setattr(gen, "PACK_ON", ())
+        plain = runs()
+        assert seen == {(False, False)}
+        monkeypatch.setattr(gen, "PACK_ON", ("cpu",))
+        assert [t for t, _ in packed] == [t for t, _ in plain]
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=tol) for (_, a), (_, b) in
+                   zip(packed, plain))
+        def fail(i, t):
+            raise RuntimeError("stop here")
+        for broken in (False, True):
+            if broken:
+                with pytest.raises(RuntimeError, match="stop here"):
+                    generate(model, ps, 20, on_token=fail)
+            assert not hasattr(model, "packed_head")
+            assert all("forward" not in m.__dict__ for m in model.modules())
+
+
 def test_logprobs_are_the_models_at_temperature_one(models):
     model, ps = models["mistral"], prompts()
     out = generate(model, ps, 10, seed=3, return_logprobs=True)
