@@ -4,9 +4,10 @@ A fixed pool of S cache rows decodes together, one token per live row per step (
 a row stops (a stop id, or max_new_tokens), the next waiting prompt is prefilled into it between two
 decode steps (prefill: rows of similar length share a forward, a long prompt goes in chunks) while the
 other rows keep their caches; static batching is the special case that refills only once the whole
-pool has drained. Each step's attention reads the cache up to the longest live row, not its whole
-length. The scheduler (generate) keeps every row's state on the host and hands the device step fixed
-shapes at fixed addresses, which is what `torch.compile` and CUDA graphs want. Randomness is
+pool has drained. The cache is as long as the longest live row needs, resized as that changes, so a
+step's attention reads no unused slots. The scheduler (generate) keeps every row's state on the host and
+hands the device step fixed shapes at fixed addresses between resizes, which is what `torch.compile` and
+CUDA graphs want. Randomness is
 counter-based per prompt: draw t of a prompt is a hash of (its key, t), so a prompt gets the same sample
 whatever the pool size, its neighbours, the scheduling, or the rank it runs on, up to floating point:
 on real weights the GEMMs round differently with the batch's shape (~1e-5 in the log-probs), which
@@ -188,8 +189,8 @@ def prefill(model, cache, rows, prompts, budget):
     # Writes prompts (token lists) into cache rows `rows`, every other row untouched; returns their
     # next-token logits (n, V). A group's forward covers at most `budget` tokens: a prompt longer than
     # that goes through in chunks, each attending to the ones before it in the cache.
-    dev, lengths = cache.k.device, [len(p) for p in prompts]
-    last = torch.empty(len(prompts), model.config.hidden_size, dtype=cache.k.dtype, device=dev)  # (n, D)
+    dev, lengths = cache.pos.device, [len(p) for p in prompts]
+    last = torch.empty(len(prompts), model.config.hidden_size, dtype=cache.k[0].dtype, device=dev)  # (n, D)
     for group in length_groups(lengths, budget):
         T, n = max(lengths[i] for i in group), len(group)
         x = torch.tensor([prompts[i] + [0] * (T - lengths[i]) for i in group], device=dev)   # (g, T)
@@ -290,14 +291,19 @@ _compiled = {}  # one compiled step per sampling setting: the settings are graph
 COMPILE_ON = ("cuda",)  # where compile=True compiles: on CPU it was 2.4x slower (the tests add "cpu")
 
 
-def make_step(sampling, cache, seen, compile):
+def fit(cache, slots, seen, compiled):
+    # The cache resized to `slots` slots, in place. Compiled, its tensors marked static: "reduce-overhead"
+    # replays the step as a CUDA graph, which may update the cache in place only at addresses marked
+    # static; the pool's shape never changes, so refills replay the same graphs until the next resize.
+    cache.resize(slots)
+    for t in (cache.k + cache.v + [cache.pos] + ([seen] if seen is not None else [])) if compiled else ():
+        torch._dynamo.mark_static_address(t)
+
+
+def make_step(sampling, compile):
     step = lambda m, c, t, k, n, s: decode_one_token(m, c, t, k, n, s, *sampling)  # noqa: E731
     if not compile:
         return step
-    # "reduce-overhead" replays the step as a CUDA graph, which may update the cache in place only at
-    # addresses marked static; the pool's shape never changes, so refills replay the same graphs.
-    for t in (cache.k, cache.v, cache.pos) + ((seen,) if seen is not None else ()):
-        torch._dynamo.mark_static_address(t)
     # fullgraph: one graph a step, or an error; a break would split the CUDA graph and cost launches.
     _compiled[sampling] = _compiled.get(sampling) or torch.compile(step, mode="reduce-overhead",
                                                                    fullgraph=True)
@@ -344,11 +350,11 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
     w = model.lm_weight  # gathered: the full weight, in the dtype forwards compute in
     max_len = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
     S = min(len(prompts), pool or pool_size(model.config, max_len, w.dtype, w.device))
-    cache = KVCache(model.config, S, max_len, w.dtype, w.device)
+    cache = KVCache(model.config, S, span(1, max_len, compiled), w.dtype, w.device)  # grown as rows grow
     # seen: each row's tokens so far, prompt included, for the repetition penalty (None without one)
     seen = torch.zeros(S, model.config.vocab_size, dtype=torch.bool, device=w.device) \
         if sampling[-1] != 1 else None                                                    # (S, V)
-    step = make_step(sampling, cache, seen, compiled)
+    step = make_step(sampling, compiled)
     owner, held, last = [None] * S, [0] * S, [0] * S  # per row: its prompt, tokens in the cache, last token
     keys, waiting = keys.tolist(), deque(range(len(prompts)))
     bar = tqdm(total=len(prompts), desc=progress, disable=not progress)
@@ -372,6 +378,8 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
         if waiting and len(free) >= threshold:
             rows = free[:len(waiting)]
             idx = [waiting.popleft() for _ in rows]
+            longest = span(max(len(prompts[i]) for i in idx), max_len, compiled)
+            fit(cache, max(cache.length, longest), seen, compiled)  # room for the prompts' tokens
             logits = prefill(model, cache, rows, [prompts[i] for i in idx], budget)
             u = uniforms(torch.tensor([keys[i] for i in idx], device=w.device),
                          torch.zeros(len(idx), dtype=torch.long, device=w.device))        # draw 0
@@ -396,7 +404,7 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
             seen = seen[live] if seen is not None else None
             owner, held, last = ([x[r] for r in live] for x in (owner, held, last))
             S, live = len(live), range(len(live))
-        cache.length = span(max(held[r] for r in live) + 1, max_len, compiled)
+        fit(cache, span(max(held[r] for r in live) + 1, max_len, compiled), seen, compiled)  # slots it reads
         k = [keys[o] if o is not None else (0, 0) for o in owner]
         state = torch.tensor([last, held, [len(toks[o]) if o is not None else 0 for o in owner], *zip(*k)],
                              device=w.device)                  # (5, S): last token, position, draws, key
@@ -414,9 +422,11 @@ def keep_rows(cache, rows, n):
     # pool is then the first len(rows) rows of the same storage: each layer's slice stays contiguous.
     for j, r in enumerate(rows):
         if r != j:
-            cache.k[:, j, :, :n], cache.v[:, j, :, :n] = cache.k[:, r, :, :n], cache.v[:, r, :, :n]
+            for K in cache.k + cache.v:
+                K[j, :, :n] = K[r, :, :n]
     m = len(rows)
-    return cache.replace(k=cache.k[:, :m], v=cache.v[:, :m], pos=cache.pos[:m], all_rows=cache.all_rows[:m])
+    return cache.replace(k=[K[:m] for K in cache.k], v=[V[:m] for V in cache.v], pos=cache.pos[:m],
+                         all_rows=cache.all_rows[:m])
 
 
 # ----- command line: stream one answer -----

@@ -235,13 +235,15 @@ class KVCache:
 
     Row b holds `pos[b]` tokens; a forward with the cache writes its T new tokens at positions
     pos[b] .. pos[b]+T-1 of each row, which is what lets prompts of different lengths share a batch.
-    Attention reads slots 0..length-1 only: the sampler sets `length` to what its longest row needs, so
-    a decode step does not scan the whole allocation. The model never advances `pos`: the caller does."""
+    Attention reads every slot, each layer's keys one contiguous block: the sampler keeps the cache as
+    long as its longest row needs (resized), so a decode step neither scans unused slots nor copies
+    the slots it reads out of a longer allocation. The model never advances `pos`: the caller does."""
 
     def __init__(self, cfg, batch, max_len, dtype=torch.float32, device=None):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor (B, Hkv, max_len, hd) per layer: a resize holds one layer twice, not the whole cache
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) tokens held per row
         self.length = max_len                                           # slots attention reads
         self.rows = None  # None: a forward covers every row; else (n,) the rows it covers, see select
@@ -252,6 +254,15 @@ class KVCache:
         view.__dict__.update(self.__dict__, **fields)
         return view
 
+    def resize(self, slots):
+        # In place: every row gets `slots` slots, its first min(slots, old) kept, the rest zero (keys no
+        # query sees: zero, not garbage, since a masked-out score times a NaN value is still a NaN).
+        for kv in (self.k, self.v):
+            for i, old in enumerate(kv):
+                if old.shape[2] != slots:
+                    kv[i] = F.pad(old[:, :, :slots], (0, 0, 0, max(0, slots - old.shape[2])))
+        self.length = slots
+
     def select(self, rows, pos, length):
         # The same storage seen by a forward over some rows only (a prefill into rows just freed, the
         # others untouched): rows (n,), pos (n,) their positions, length the slots its attention reads.
@@ -261,11 +272,12 @@ class KVCache:
         # k, v (n, Hkv, T, hd) written at per-row positions pos (n, T) -> the covered rows' keys and
         # values in slots 0..length-1, (n, Hkv, length, hd): a view when every row is covered.
         rows = (self.all_rows if self.rows is None else self.rows)[:, None]           # (n, 1)
-        self.k[layer, rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (n, T, Hkv, hd)
-        self.v[layer, rows, :, pos] = v.transpose(1, 2)
+        K, V = self.k[layer], self.v[layer]                                          # (B, Hkv, slots, hd)
+        K[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (n, T, Hkv, hd)
+        V[rows, :, pos] = v.transpose(1, 2)
         if self.rows is None:
-            return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
-        return self.k[layer, self.rows, :, :self.length], self.v[layer, self.rows, :, :self.length]
+            return K[:, :, :self.length], V[:, :, :self.length]
+        return K[self.rows, :, :self.length], V[self.rows, :, :self.length]
 
     def mask(self, pos, window=None):
         # (n, 1, T, length) bool, True = may attend, for queries at positions pos (n, T): keys are
@@ -283,7 +295,7 @@ def decode_attention(q, k, v, mask):
     # 13 ms a layer on a one-token bf16 query at 48 rows where these take 0.9 (issue 23). As transformers'
     # eager attention: scores in the compute dtype, softmax in fp32.
     (B, nh, _, hd), nkv = q.shape, k.shape[1]
-    k, v = k.contiguous(), v.contiguous()  # the cache's first S slots: a bf16 bmm on the view is 6x slower
+    k, v = k.contiguous(), v.contiguous()  # no-ops on the sampler's cache; a bf16 bmm on a view is 6x slower
     s = (q.view(B, nkv, nh // nkv, hd) * hd ** -0.5) @ k.transpose(-1, -2)                # (B, nkv, G, S)
     p = s.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
     return (p @ v).view(B, nh, 1, hd)
@@ -319,10 +331,13 @@ class Attention(nn.Module):
             y = decode_attention(q, k, v, mask)
         elif isinstance(mask, BlockMask):
             y = _flex(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
-        elif isinstance(mask, list):
+        elif isinstance(mask, list):  # the rows cut into their documents by split, whose backward is one
+            # cat (slicing each document out cost a zero-filled row-sized gradient per document and layer)
+            sizes = [e - s for _, s, e, _ in mask]
+            docs = (t.transpose(0, 1).flatten(1, 2).split(sizes, 1) for t in (q, k, v))  # (H, L, hd) each
             y = torch.cat([F.scaled_dot_product_attention(
-                q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], attn_mask=m, is_causal=m is None,
-                enable_gqa=self.nkv != self.nh) for b, s, e, m in mask], 2)              # (1, nh, B*T, hd)
+                qd[None], kd[None], vd[None], attn_mask=m, is_causal=m is None, enable_gqa=self.nkv != self.nh)
+                for qd, kd, vd, (_, _, _, m) in zip(*docs, mask)], 2)                   # (1, nh, B*T, hd)
             y = y.unflatten(2, (B, T))[0].transpose(0, 1)                                # (B, nh, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,

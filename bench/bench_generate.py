@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workload  # noqa: E402  (bench/, the script's own folder)
 from data import Tokenizer  # noqa: E402
 import generate as gen  # noqa: E402
-from generate import generate, lm_head, make_step, packed_weights, pool_size, span  # noqa: E402
+from generate import fit, generate, lm_head, make_step, packed_weights, pool_size, span  # noqa: E402
 from model import KVCache, Transformer, compute_dtype  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
 
@@ -143,8 +143,8 @@ def step_against_gemms(model, S, L, compile, repeats=5):
     def step_of(rows):  # one decode step of `rows` rows of ragged lengths, the longest L
         cache = KVCache(cfg, rows, L, dtype, dev)
         cache.pos.copy_(torch.linspace(L // 3, L - 1, rows).long())
-        cache.length = span(L, L, compiled)
-        run_step = make_step((1.0, 0, 1.0), cache, None, compiled)
+        fit(cache, L, None, compiled)
+        run_step = make_step((1.0, 0, 1.0), compiled)
         tok, keys, n = (torch.randint(0, 1000, shape, device=dev) for shape in ((rows,), (rows, 2), (rows,)))
         return lambda: run_step(model, cache, tok, keys, n, None)
     step = step_of(S)

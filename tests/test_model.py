@@ -89,6 +89,7 @@ def test_hidden_and_target_logprobs(checkpoints):
 def test_kv_cache_matches_uncached(checkpoints, kind, dtype):
     # Prefill 7 tokens then decode the rest one at a time (decode_attention, not SDPA): the same logits as
     # one uncached pass; in bf16 within a few bf16 ulps of the logit scale (scores rounded to bf16 there).
+    # The cache shrinks to the 7 tokens it holds, then grows a slot a step: resizing keeps what it holds.
     path, _ = checkpoints[kind]
     ours = Transformer.from_pretrained(path, dtype=dtype)
     x = tokens(T=16)
@@ -97,7 +98,10 @@ def test_kv_cache_matches_uncached(checkpoints, kind, dtype):
         full = ours(x)
         steps = [ours(x[:, :7], cache=cache)]
         cache.pos += 7
+        cache.resize(7)
         for t in range(7, 16):
+            cache.resize(t + 1)
+            assert cache.k[0].shape[2] == cache.length == t + 1 and cache.k[0][:, :, t].eq(0).all()
             steps.append(ours(x[:, t:t + 1], cache=cache))
             cache.pos += 1
     err = (torch.cat(steps, 1).float() - full.float()).abs().max()
