@@ -326,18 +326,25 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, pos)                # (B, nkv, S, hd)
         # mask None = plain causal (the fast flash path); a BlockMask = packed rows through FlexAttention;
-        # a list = documents (row, start, end, mask) attended one by one; else (B, 1, T, S) bool.
+        # a list = tiles (row, start, end, P, mask) attended one by one (attention_mask); else (B, 1, T, S)
+        # bool.
         if cache is not None and T == 1:
             y = decode_attention(q, k, v, mask)
         elif isinstance(mask, BlockMask):
             y = _flex(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
-        elif isinstance(mask, list):  # the rows cut into their documents by split, whose backward is one
-            # cat (slicing each document out cost a zero-filled row-sized gradient per document and layer)
-            sizes = [e - s for _, s, e, _ in mask]
-            docs = (t.transpose(0, 1).flatten(1, 2).split(sizes, 1) for t in (q, k, v))  # (H, L, hd) each
-            y = torch.cat([F.scaled_dot_product_attention(
-                qd[None], kd[None], vd[None], attn_mask=m, is_causal=m is None, enable_gqa=self.nkv != self.nh)
-                for qd, kd, vd, (_, _, _, m) in zip(*docs, mask)], 2)                   # (1, nh, B*T, hd)
+        elif isinstance(mask, list):  # tiles of the rows (attention_mask), cut out by split, whose backward
+            # is one cat (slicing each out cost a zero-filled row-sized gradient per tile and layer)
+            sizes = [e - s for _, s, e, _, _ in mask]
+            parts = (t.transpose(0, 1).flatten(1, 2).split(sizes, 1) for t in (q, k, v))  # (H, L, hd) each
+            ys, k0, v0 = [], None, None
+            for qt, kt, vt, (_, _, _, P, m) in zip(*parts, mask):
+                if P:  # a later answer: its document's prompt (the first tile's start), then itself
+                    kt, vt = torch.cat((k0[:, :P], kt), 1), torch.cat((v0[:, :P], vt), 1)
+                else:
+                    k0, v0 = kt, vt
+                ys.append(F.scaled_dot_product_attention(qt[None], kt[None], vt[None], attn_mask=m,
+                                                         is_causal=m is None, enable_gqa=self.nkv != self.nh))
+            y = torch.cat(ys, 2)                                                         # (1, nh, B*T, hd)
             y = y.unflatten(2, (B, T))[0].transpose(0, 1)                                # (B, nh, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -437,8 +444,13 @@ class Transformer(nn.Module):
     def attention_mask(self, tokens, layout):
         # None when plain causal attention is exact (the fast kernels). Else, on CUDA, a FlexAttention
         # BlockMask: only the blocks that hold visible pairs are computed, no T x T mask in memory.
-        # Elsewhere the rows' documents (runs of one doc id), each attended on its own, so no work goes
-        # to pairs that cannot see each other: [(row, start, end, (L, L) bool or None = plain causal)].
+        # Elsewhere tiles that cover the rows in order, each attended on its own, so no work goes to
+        # pairs that cannot see each other: [(row, start, end, P, mask)], queries [start, end) and keys
+        # the same, or with P > 0 the P tokens of its document's prompt, then the same. A document laid
+        # out as data.pack does, [prompt | answer 1 | answer 2 | ...], is tiled [prompt | answer 1],
+        # [answer 2], ...: every later answer sees the prompt and itself, never the answers between
+        # (attended as one tile, its mask would cost their pairs too); any other document is one tile.
+        # mask: (queries, keys) bool, or None for plain causal.
         (B, T), w, dev = tokens.shape, self.config.sliding_window, tokens.device
         if layout is None and (w is None or T <= w):
             return None
@@ -447,14 +459,26 @@ class Transformer(nn.Module):
             layout = (torch.arange(T, device=dev).expand(B, T), z, z)
         if self.flex if self.flex is not None else tokens.is_cuda:
             return block_mask(layout, w)
-        spans, doc, visible = [], layout[1], visibility(*layout, w)
-        for b, ends in enumerate((doc[:, 1:] != doc[:, :-1]).tolist()):
-            starts = [0] + [j + 1 for j, new in enumerate(ends) if new]
-            for s, e in zip(starts, starts[1:] + [T]):
-                i = torch.arange(s, e, device=dev)
-                m = visible(b, None, i[:, None], i[None, :])                          # (L, L)
-                spans.append((b, s, e, None if torch.equal(m, torch.ones_like(m).tril()) else m))
-        return spans
+        tiles, visible = [], visibility(*layout, w)
+        for b, (doc, branch) in enumerate(zip(layout[1].tolist(), layout[2].tolist())):
+            runs = [j for j in range(T) if j == 0 or (doc[j], branch[j]) != (doc[j - 1], branch[j - 1])]
+            runs = [(s, e, doc[s], branch[s]) for s, e in zip(runs, runs[1:] + [T])]  # equal (doc, branch)
+            while runs:
+                n = next((i for i, r in enumerate(runs) if r[2] != runs[0][2]), len(runs))  # one document
+                d, runs = runs[:n], runs[n:]
+                kinds = [r[3] for r in d]
+                if d[0][2] >= 0 and kinds[0] == 0 and 0 not in kinds[1:] and len(set(kinds)) == n:
+                    P = d[0][1] - d[0][0]
+                    cut = [(d[0][0], d[min(1, n - 1)][1], 0)] + [(s, e, P) for s, e, _, _ in d[2:]]
+                else:
+                    cut = [(d[0][0], d[-1][1], 0)]
+                for s, e, P in cut:
+                    qi = torch.arange(s, e, device=dev)
+                    ki = torch.cat((torch.arange(d[0][0], d[0][0] + P, device=dev), qi))
+                    m = visible(b, None, qi[:, None], ki[None, :])                          # (L, P + L)
+                    tiles.append((b, s, e, P, None if not P and torch.equal(m, torch.ones_like(m).tril())
+                                  else m))
+        return tiles
 
     # ----- checkpoint I/O -----
 

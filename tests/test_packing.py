@@ -58,6 +58,24 @@ def test_packed_equals_alone_with_gradients(checkpoints, kind):
         assert err < 1e-4, f"{kind} {name}: relative gradient difference {err:.2e}"
 
 
+def test_cpu_tiles_skip_the_pairs_no_one_sees(checkpoints):
+    # Off CUDA each [prompt | answer 1 | answer 2] is tiled [prompt | answer 1] (plain causal) and [answer 2]
+    # with the prompt's keys before its own: the tiles cover each row once, in order, and attend fewer
+    # (query, key) pairs than whole documents would; padding is a tile of its own.
+    model, gs = Transformer.from_pretrained(checkpoints["qwen2"][0]), groups()
+    tokens, layout, _, _ = pack(gs, ROWS, pad_id=0)
+    tiles = model.attention_mask(tokens, layout)
+    for b in range(len(ROWS)):
+        mine = [t for t in tiles if t[0] == b]
+        assert [t[1] for t in mine] == [0] + [t[2] for t in mine[:-1]] and mine[-1][2] == tokens.shape[1]
+    answers = [t for t in tiles if t[3]]
+    assert [(t[2] - t[1], t[3]) for t in answers[:2]] == [(SIZES[g][1][1], SIZES[g][0]) for g in ROWS[0]]
+    assert all(t[4] is None for t in tiles if not t[3] and layout[1][t[0], t[1]] >= 0)  # plain causal
+    docs = [(doc == d).sum().item() for doc in layout[1] for d in doc.unique() if d >= 0]
+    pairs = sum((e - s) * (e - s + P) for b, s, e, P, m in tiles if layout[1][b, s] >= 0)
+    assert pairs < 0.8 * sum(L * L for L in docs), (pairs, sum(L * L for L in docs))
+
+
 def test_generated_answer_never_sees_the_real_one(checkpoints):
     model, gs = Transformer.from_pretrained(checkpoints["mistral"][0]), groups()
     with torch.no_grad():
