@@ -467,7 +467,7 @@ class Transformer(nn.Module):
                 n = next((i for i, r in enumerate(runs) if r[2] != runs[0][2]), len(runs))  # one document
                 d, runs = runs[:n], runs[n:]
                 kinds = [r[3] for r in d]
-                if d[0][2] >= 0 and kinds[0] == 0 and 0 not in kinds[1:] and len(set(kinds)) == n:
+                if d[0][2] >= 0 and kinds[0] == 0 and len(set(kinds)) == n:  # a prompt, distinct answers
                     P = d[0][1] - d[0][0]
                     cut = [(d[0][0], d[min(1, n - 1)][1], 0)] + [(s, e, P) for s, e, _, _ in d[2:]]
                 else:
