@@ -301,6 +301,22 @@ def decode_attention(q, k, v, mask):
     return (p @ v).view(B, nh, 1, hd)
 
 
+CPU_FP32_KEYS = 512  # on a CPU, bf16 attention over at most this many keys computes in fp32 (attend)
+
+
+def attend(q, k, v, mask, gqa):
+    # SDPA: q (B, nh, T, hd), k, v (B, nkv, S, hd), mask (T, S) / (B, 1, T, S) bool or None for plain
+    # causal -> (B, nh, T, hd). On a CPU its bf16 flash kernel is slower than its fp32 one on short tiles
+    # (forward and backward, SmolLM2's heads, 2 threads: 1.9x at 64 keys, 1.6x at 160, about even at 512,
+    # 0.8x from 768 on AMD Zen 4; 3.1x at 82 keys on an AMX Xeon, casts included), and a packed row's
+    # tiles are mostly short: up to CPU_FP32_KEYS keys, q, k, v go to fp32 and the output comes back (3-12%
+    # off the bf16 train phase on Zen 4, across runs). GPUs keep the compute dtype.
+    up = q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= CPU_FP32_KEYS
+    y = F.scaled_dot_product_attention(*((t.float() for t in (q, k, v)) if up else (q, k, v)),
+                                       attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    return y.to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -342,13 +358,11 @@ class Attention(nn.Module):
                     kt, vt = torch.cat((k0[:, :P], kt), 1), torch.cat((v0[:, :P], vt), 1)
                 else:
                     k0, v0 = kt, vt
-                ys.append(F.scaled_dot_product_attention(qt[None], kt[None], vt[None], attn_mask=m,
-                                                         is_causal=m is None, enable_gqa=self.nkv != self.nh))
+                ys.append(attend(qt[None], kt[None], vt[None], m, self.nkv != self.nh))
             y = torch.cat(ys, 2)                                                         # (1, nh, B*T, hd)
             y = y.unflatten(2, (B, T))[0].transpose(0, 1)                                # (B, nh, T, hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=self.nkv != self.nh)
+            y = attend(q, k, v, mask, self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pairs, truncate
 from generate import gathered, generate
-from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
+from model import CPU_FP32_KEYS, Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 from report import report, stop_rule
 
 
@@ -508,7 +508,9 @@ def main(argv):
         return print0(f"all {cfg.iterations} iterations are complete in {cfg.out}")
     path = cfg.model if start == 0 else f"{cfg.out}/iter{start - 1}/model"
     dtype = compute_dtype(DEVICE, cfg.compute_dtype)
-    print0(f"{world} process(es) on {DEVICE}, computing in {str(dtype).removeprefix('torch.')}; "
+    cpu16 = f" (attention over <= {CPU_FP32_KEYS} keys in fp32: faster on a CPU)" \
+        if dtype == torch.bfloat16 and DEVICE.type == "cpu" else ""
+    print0(f"{world} process(es) on {DEVICE}, computing in {str(dtype).removeprefix('torch.')}{cpu16}; "
            f"starting at iteration {start} from {path}")
     model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, DEVICE, dtype)
     model.grad_checkpointing = cfg.grad_checkpointing
