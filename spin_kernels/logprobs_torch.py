@@ -10,7 +10,8 @@ import torch
 
 
 def _buffers(h, n, v):
-    # the reused tiles: fp32 logits, and for 16-bit operands the GEMM's own 16-bit output
+    # the reused tiles: fp32 logits, and for 16-bit operands the GEMM's own 16-bit output (in the backward
+    # then the 16-bit softmax tile); a fresh buffer per tile cost page faults every time (issue 23)
     f32 = torch.empty(n * v, dtype=torch.float32, device=h.device)
     return f32, (None if h.dtype == torch.float32 else torch.empty(n * v, dtype=h.dtype, device=h.device))
 
@@ -35,9 +36,10 @@ def _logits(bufs, h, w, bias=None):
     return z.copy_(torch.mm(h, w.T, out=z16) if bias is None else torch.addmm(bias, h, w.T, out=z16))
 
 
-def mm32(a, b):
+def mm32(a, b, bufs=None):
     # a @ b summed in fp32 and returned in fp32. CUDA: 16-bit operands, fp32 output (out_dtype). CPU: the
-    # GEMM's 16-bit output is upcast (one rounding per product; the tests' tolerance counts it).
+    # GEMM's 16-bit output is upcast (one rounding per product; the tests' tolerance counts it), in the
+    # reused buffers bufs (see _buffers) when given: fresh ones cost page faults on every call.
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     if a.is_cuda:
@@ -45,12 +47,18 @@ def mm32(a, b):
             return torch.mm(a, b, out_dtype=torch.float32)
         except TypeError:  # torch before 2.8: no out_dtype; the CPU way then
             pass
-    return torch.mm(a, b).float()
+    if bufs is None:
+        return torch.mm(a, b).float()
+    shape = (a.shape[0], b.shape[1])
+    n = shape[0] * shape[1]
+    return bufs[0][:n].view(shape).copy_(torch.mm(a, b, out=bufs[1][:n].view(shape)))
 
 
-def addmm(acc, a, b, alpha=1):
+def addmm(acc, a, b, alpha=1, bufs=None):
     # acc (fp32) += alpha * a @ b: fp32 operands in place (the GEMM's beta=1), 16-bit ones through mm32
-    return acc.addmm_(a, b, alpha=alpha) if a.dtype == acc.dtype else acc.add_(mm32(a, b), alpha=alpha)
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b, alpha=alpha)
+    return acc.add_(mm32(a, b, bufs), alpha=alpha)
 
 
 def keep_mask(part, lse, safe, valid, width, V, dtype, stats=None):
@@ -120,6 +128,7 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
     dw = torch.empty_like(weight) if need_dw else None
     acc = torch.empty(min(V, vocab_chunk), D, dtype=torch.float32, device=hidden.device)  # d_weight slice
     bufs = _buffers(hidden, min(N, token_chunk), min(V, vocab_chunk))
+    outs = _buffers(hidden, max(min(N, token_chunk), min(V, vocab_chunk)), D)  # the (n | v, D) products'
     for k, j in enumerate(range(0, V, vocab_chunk)):
         w = weight[j:j + vocab_chunk]  # (v, D) as stored
         a = acc[:w.shape[0]].zero_()
@@ -129,13 +138,14 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
             if keep is not None and rows.numel() == 0:
                 continue
             p = _logits(bufs, hidden[rows], w, None if bias is None else bias[rows])
-            p = p.sub_(shift[rows]).exp_().to(hidden.dtype)  # (n, v) softmax tile; 16-bit: rounded
+            p = p.sub_(shift[rows]).exp_()  # (n, v) softmax tile; 16-bit: rounded, into the free 16-bit one
+            p = p if bufs[1] is None else bufs[1][:p.numel()].view(p.shape).copy_(p)
             if keep is None:
-                addmm(pw[rows], p, w)
+                addmm(pw[rows], p, w, bufs=outs)
             else:  # a gathered copy: added back by index
-                pw.index_add_(0, rows, mm32(p, w))
+                pw.index_add_(0, rows, mm32(p, w, outs))
             if need_dw:
-                addmm(a, p.T, gh_op[rows], alpha=-1)
+                addmm(a, p.T, gh_op[rows], alpha=-1, bufs=outs)
                 t = safe[rows] - j  # the one-hot part of the rows whose target is in this chunk
                 hit = (t >= 0) & (t < w.shape[0])
                 a.index_add_(0, t[hit], gh[rows][hit])
