@@ -16,6 +16,10 @@ def _buffers(h, n, v):
     return f32, (None if h.dtype == torch.float32 else torch.empty(n * v, dtype=h.dtype, device=h.device))
 
 
+def tile(buf, rows, cols):  # the front of a reused flat buffer as a (rows, cols) tile
+    return buf[:rows * cols].view(rows, cols)
+
+
 def _logits(bufs, h, w, bias=None):
     # (n, v) fp32 tile of h @ w.T (+ bias) in the front of the reused fp32 buffer. fp32 operands: written
     # in place. 16-bit operands: the GEMM multiplies them exactly and sums in fp32, but a CPU GEMM rounds its
@@ -29,10 +33,10 @@ def _logits(bufs, h, w, bias=None):
     if h.is_cuda and h.dtype != torch.float32:
         z = mm32(h, w.T)
         return z if bias is None else z.add_(bias.float())
-    z = bufs[0][:n * v].view(n, v)
+    z = tile(bufs[0], n, v)
     if h.dtype == torch.float32:  # (no bias: fp32 keeps the twin's earlier results bit for bit)
         return torch.mm(h, w.T, out=z)
-    z16 = bufs[1][:n * v].view(n, v)
+    z16 = tile(bufs[1], n, v)
     return z.copy_(torch.mm(h, w.T, out=z16) if bias is None else torch.addmm(bias, h, w.T, out=z16))
 
 
@@ -49,9 +53,8 @@ def mm32(a, b, bufs=None):
             pass
     if bufs is None:
         return torch.mm(a, b).float()
-    shape = (a.shape[0], b.shape[1])
-    n = shape[0] * shape[1]
-    return bufs[0][:n].view(shape).copy_(torch.mm(a, b, out=bufs[1][:n].view(shape)))
+    n, m = a.shape[0], b.shape[1]
+    return tile(bufs[0], n, m).copy_(torch.mm(a, b, out=tile(bufs[1], n, m)))
 
 
 def addmm(acc, a, b, alpha=1, bufs=None):
@@ -128,7 +131,7 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
     dw = torch.empty_like(weight) if need_dw else None
     acc = torch.empty(min(V, vocab_chunk), D, dtype=torch.float32, device=hidden.device)  # d_weight slice
     bufs = _buffers(hidden, min(N, token_chunk), min(V, vocab_chunk))
-    outs = _buffers(hidden, max(min(N, token_chunk), min(V, vocab_chunk)), D)  # the (n | v, D) products'
+    outs = _buffers(hidden, max(min(N, token_chunk), min(V, vocab_chunk)), D)  # (n, D) and (v, D) products
     for k, j in enumerate(range(0, V, vocab_chunk)):
         w = weight[j:j + vocab_chunk]  # (v, D) as stored
         a = acc[:w.shape[0]].zero_()
@@ -139,7 +142,7 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
                 continue
             p = _logits(bufs, hidden[rows], w, None if bias is None else bias[rows])
             p = p.sub_(shift[rows]).exp_()  # (n, v) softmax tile; 16-bit: rounded, into the free 16-bit one
-            p = p if bufs[1] is None else bufs[1][:p.numel()].view(p.shape).copy_(p)
+            p = p if bufs[1] is None else tile(bufs[1], *p.shape).copy_(p)
             if keep is None:
                 addmm(pw[rows], p, w, bufs=outs)
             else:  # a gathered copy: added back by index
