@@ -224,10 +224,34 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32, cast back, then scale: the exact order HF uses, so bf16 results match.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    # y = w * n, n = x * r rounded to x's dtype, r = rsqrt(mean(x^2) + eps) in fp32: HF's order and
+    # rounding, so bf16 outputs match (r's sum of squares may differ in its last bit). Autograd over those
+    # ops allocates 52 bytes per element for forward and backward in bf16, 48 in fp32 (an upcast, its
+    # square, the product, their gradients); this 28 in both, and is 1.6-2.0x faster on a CPU, where fresh
+    # memory costs a page fault per 4 KB and norms were a train step's largest elementwise cost (issue 23;
+    # bench/bench_norm.py).
+    @staticmethod
+    def forward(ctx, x, w, eps):                                       # x (..., D), w (D,)
+        xf = x.to(torch.float32, copy=True)                            # the one fp32 copy, worked in place
+        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)         # (..., 1)
+        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        n = xf.mul_(r).to(x.dtype)
+        ctx.save_for_backward(x, w, n, r)
+        return w * n
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w, n, r = ctx.saved_tensors
+        dw = (gy * n).flatten(0, -2).sum(0)                           # (D,) as autograd: product in x's dtype
+        dn = (gy * w).float()                                          # (..., D) fp32
+        xh = x.to(torch.float32, copy=True).mul_(r)                    # x / rms(x)
+        # dx = r * (dn - xh * mean(dn * xh)), in place on xh
+        m = torch.linalg.vecdot(dn, xh)[..., None] / x.shape[-1]
+        return xh.mul_(m).neg_().add_(dn).mul_(r).to(x.dtype), dw, None
 
 
 class KVCache:

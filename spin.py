@@ -174,13 +174,47 @@ def setup_distributed():
 
 def shard(model, world, device, dtype):
     # fully_shard each block, then the root (embeddings, final norm, head). Master weights stay fp32;
-    # forwards compute in `dtype` (weights cast once per gather, not per op), gradients reduce in fp32.
+    # forwards compute in `dtype` (weights cast once per gather, not per op), gradients reduce in fp32
+    # across processes (in one process there is no sum: they "reduce" in their own dtype, exactly).
     mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
-                              reduce_dtype=torch.float32)
+                              reduce_dtype=torch.float32 if world > 1 else None)
     for block in model.model.layers:  # one process: nothing to free, so no second cast for backward
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=world > 1)
-    return fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if world == 1 and device.type == "cpu":
+        comm = OneProcessReduce(reuse=dtype != torch.float32)  # one for all: a CPU reduces one at a time
+        for m in (*model.model.layers, model):
+            m.set_custom_reduce_scatter(comm)
+    return model
+
+
+class OneProcessReduce:
+    # FSDP2's gradient reduce-scatter (its Comm interface: allocate, then call) in a group of one, on a
+    # CPU. FSDP packs a block's gradients into a fresh buffer, then copies it into a second fresh buffer
+    # as the "scattered" output; on a CPU the first touch of fresh memory costs a page fault per 4 KB, and
+    # these were ~2 s of a ~10 s bf16 train step (issue 23). Here the output is the packed buffer itself
+    # (FSDP's copy becomes a self-copy, a no-op), and with `reuse` one buffer per size serves every block
+    # and step: only when the gradients are then cast to the fp32 master dtype (bf16 compute), so nothing
+    # keeps a view of it. The call itself never happens in a group of one.
+    def __init__(self, reuse):
+        self.reuse, self.buffers, self.packed = reuse, {}, None
+
+    def allocate(self, size, *, dtype, device):
+        if self.packed is not None:  # the second request of a reduce: its output
+            out, self.packed = self.packed, None
+            return out
+        key = (tuple(size), dtype)
+        buf = self.buffers.get(key) if self.reuse else None
+        if buf is None:
+            buf = torch.empty(size, dtype=dtype, device=device)
+            if self.reuse:
+                self.buffers[key] = buf
+        self.packed = buf
+        return buf
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("a reduce-scatter in a group of one is never called")
 
 
 def all_gather(obj):

@@ -130,6 +130,37 @@ def test_cpu_bf16_attention_is_fp32_on_short_tiles():
                        sdpa(q32, q32[:, :2], q32[:, 2:], is_causal=True, enable_gqa=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 17, 64), (2, 3, 5, 64)])  # a residual stream; Qwen3's per-head q/k
+def test_rmsnorm_matches_transformers_forward_and_backward(dtype, shape):
+    # RMSNorm's own backward (issue 23) against transformers' LlamaRMSNorm under autograd: fp32 to
+    # rounding; bf16 outputs equal but for rare one-ulp flips (its mean of squares sums in another order),
+    # gradients within bf16 rounding of the gradients' scale.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(64, generator=g) + 0.5).to(dtype)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    outs = []
+    for norm in (RMSNorm(64, 1e-6), LlamaRMSNorm(64, eps=1e-6)):
+        norm.weight.data = w.clone()
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        y.backward(gy)
+        outs.append((y.detach().float(), xi.grad.float(), norm.weight.grad.float()))
+        assert y.dtype == xi.grad.dtype == norm.weight.grad.dtype == dtype
+    (y, dx, dw), (y_hf, dx_hf, dw_hf) = outs
+    if dtype == torch.float32:
+        assert (y - y_hf).abs().max() <= 1e-6 * y_hf.abs().max()
+        assert (dx - dx_hf).abs().max() <= 1e-5 * dx_hf.abs().max()
+        assert (dw - dw_hf).abs().max() <= 1e-5 * dw_hf.abs().max()
+    else:
+        assert (y != y_hf).float().mean() < 0.01 and ((y - y_hf).abs() <= y_hf.abs() / 128).all()
+        assert (dx - dx_hf).abs().max() <= 1e-2 * dx_hf.abs().max()
+        assert (dw - dw_hf).abs().max() <= 1e-2 * dw_hf.abs().max()
+
+
 def test_grad_checkpointing_same_gradients(checkpoints):
     path, _ = checkpoints["qwen2"]
     x = tokens(T=10)
