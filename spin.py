@@ -182,7 +182,7 @@ def shard(model, world, device, dtype):
     for block in model.model.layers:  # one process: nothing to free, so no second cast for backward
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=world > 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    if world == 1 and device.type == "cpu":
+    if world == 1 and device.type == "cpu" and hasattr(model, "set_custom_reduce_scatter"):  # newer torch
         comm = OneProcessReduce(reuse=dtype != torch.float32)  # one for all: a CPU reduces one at a time
         for m in (*model.model.layers, model):
             m.set_custom_reduce_scatter(comm)
@@ -196,7 +196,7 @@ class OneProcessReduce:
     # these were ~2 s of a ~10 s bf16 train step (issue 23). Here the output is the packed buffer itself
     # (FSDP's copy becomes a self-copy, a no-op), and with `reuse` one buffer per size serves every block
     # and step: only when the gradients are then cast to the fp32 master dtype (bf16 compute), so nothing
-    # keeps a view of it. The call itself never happens in a group of one.
+    # keeps a view of it. A reduce-scatter over one process is a copy (torch 2.13 never calls it there).
     def __init__(self, reuse):
         self.reuse, self.buffers, self.packed = reuse, {}, None
 
@@ -213,8 +213,9 @@ class OneProcessReduce:
         self.packed = buf
         return buf
 
-    def __call__(self, *args, **kwargs):
-        raise AssertionError("a reduce-scatter in a group of one is never called")
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        if output_tensor is not input_tensor:
+            output_tensor.copy_(input_tensor)
 
 
 def all_gather(obj):
