@@ -223,8 +223,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        return _RMSNorm.apply(x, self.weight, self.eps)
+    def forward(self, x):  # without gradients (sampling, scoring) the same maths, no autograd Function
+        return _RMSNorm.apply(x, self.weight, self.eps) if torch.is_grad_enabled() else \
+            rms_norm(x, self.weight, self.eps)[0]
+
+
+def rms_norm(x, w, eps):
+    # x (..., D), w (D,) -> y = w * n (..., D), n = x / rms(x) in x's dtype, r = 1 / rms(x) (..., 1) fp32
+    xf = x.to(torch.float32, copy=True)                                # the one fp32 copy, worked in place
+    r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    n = xf.mul_(r).to(x.dtype)
+    return w * n, n, r
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -235,13 +245,10 @@ class _RMSNorm(torch.autograd.Function):
     # memory costs a page fault per 4 KB and norms were a train step's largest elementwise cost (issue 23;
     # bench/bench_norm.py).
     @staticmethod
-    def forward(ctx, x, w, eps):                                       # x (..., D), w (D,)
-        xf = x.to(torch.float32, copy=True)                            # the one fp32 copy, worked in place
-        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)         # (..., 1)
-        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        n = xf.mul_(r).to(x.dtype)
+    def forward(ctx, x, w, eps):
+        y, n, r = rms_norm(x, w, eps)
         ctx.save_for_backward(x, w, n, r)
-        return w * n
+        return y
 
     @staticmethod
     def backward(ctx, gy):
