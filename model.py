@@ -241,7 +241,7 @@ class _RMSNorm(torch.autograd.Function):
     # y = w * n, n = x * r rounded to x's dtype, r = rsqrt(mean(x^2) + eps) in fp32: HF's order and
     # rounding, so bf16 outputs match (r's sum of squares may differ in its last bit). Autograd over those
     # ops allocates 52 bytes per element for forward and backward in bf16, 48 in fp32 (an upcast, its
-    # square, the product, their gradients); this 28 in both, and is 1.6-2.0x faster on a CPU, where fresh
+    # square, the product, their gradients); this 28 in both, and is 1.5-2.0x faster on a CPU, where fresh
     # memory costs a page fault per 4 KB and norms were a train step's largest elementwise cost (issue 23;
     # bench/bench_norm.py).
     @staticmethod
