@@ -362,13 +362,17 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Qwen3: weights (hd,), one scale per head dimension shared by all heads
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
+    def project(self, x):  # x (B, T, D) -> q (B, T, nh*hd), k, v (B, T, nkv*hd); generation fuses them
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, mask, cache, pos):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                # (B, nh, T, hd)
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)               # (B, nkv, T, hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
         if self.qk_norm:  # Qwen3: each head of q and k RMS-normalised over its hd dims, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, pos)                # (B, nkv, S, hd)
@@ -404,8 +408,12 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj = nn.Linear(D, H, bias=b), nn.Linear(D, H, bias=b)
         self.down_proj = nn.Linear(H, D, bias=b)
 
+    def gate_up(self, x):  # x (B, T, D) -> two (B, T, H); generation fuses them
+        return self.gate_proj(x), self.up_proj(x)
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

@@ -151,9 +151,13 @@ def step_against_gemms(model, S, L, compile, repeats=5):
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {d: torch.randn(S, d, device=dev, dtype=dtype) for d in {m.in_features for m in lins}}
 
-    def gemms():  # as the step runs them: through the weights packed_weights packs (on CPU)
-        for m in lins:
-            m(xs[m.in_features])
+    def gemms():  # as the step runs them: through the products packed_weights makes (on CPU)
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.project(xs[attn.q_proj.in_features])
+            attn.o_proj(xs[attn.o_proj.in_features])
+            mlp.gate_up(xs[mlp.gate_proj.in_features])
+            mlp.down_proj(xs[mlp.down_proj.in_features])
         lm_head(model, xs[cfg.hidden_size])
 
     def best(fn):

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, gathered, generate, pool_size, prompt_keys,
-                      sample, span, uniforms)
+from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, gathered, generate, penalize, pool_size,
+                      prompt_keys, sample, span, uniforms)
 from model import Transformer
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
@@ -144,6 +144,23 @@ def test_repetition_penalty_is_transformers(models):
     assert generate(model, ps, 12, temperature=0, stop_ids=[stop], pool=2) != want
 
 
+def test_penalize_is_transformers_bit_for_bit():
+    # The penalty alone against transformers' processor on logits of both signs, zeros and -inf (a filtered
+    # token), for a penalty above 1 (the default run's) and below 1 (repetition encouraged).
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 300, generator=g) * 5
+    logits[:, :3] = torch.tensor([0.0, float("-inf"), -0.0])
+    ids = torch.randint(0, 300, (4, 40), generator=g)
+    ids[:, :3] = torch.tensor([0, 1, 2])
+    seen = torch.zeros(4, 300, dtype=torch.bool).scatter_(1, ids, True)
+    for penalty in (1.2, 1.3, 0.8):
+        ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        assert torch.equal(penalize(logits, seen, penalty), ref), penalty
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        generate(None, [[1]], 4, repetition_penalty=0)
+
+
 def test_continuous_refills_rows_while_others_decode(models):
     # A pool of 3 refilled as soon as a row frees: prompt 3 starts while the rows of prompts 0-2 with longer
     # answers (never empty: the stop id is chosen so) still decode; static batching starts it only once all
@@ -221,27 +238,30 @@ def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_sample_what_plain_ones_do_and_are_undone(checkpoints, monkeypatch, dtype):
-    # On CPU, bf16 generation multiplies by weights packed once into oneDNN's layout (packed_weights); fp32
-    # and, with PACK_ON emptied, bf16 by the plain nn.Linear forwards. The same answers, log-probs up to
-    # rounding, on an untied model (lm_head is a Linear: packed once, as the head) and a tied one; after
-    # generate, and after an error inside it, every forward is the plain one again, no packed copy kept.
+    # On CPU, bf16 generation multiplies by weights packed once into oneDNN's layout (packed_weights), q|k|v
+    # and gate|up as one product each; fp32 and, with PACK_ON emptied, bf16 by the plain nn.Linear forwards.
+    # The same answers, log-probs up to rounding, on an untied model with biases (qwen2: q|k|v's stacked;
+    # lm_head is a Linear: packed once, as the head) and a tied one; after generate, and after an error
+    # inside it, every forward is the plain one again, no packed copy kept.
     import generate as gen
     for kind in ("qwen2", "llama3_tied"):
         model = Transformer.from_pretrained(checkpoints[kind][0], dtype).eval()
         ps, seen = prompts(LENGTHS * 2, seed=5), set()
-        up = model.model.layers[0].mlp.up_proj
+        layer = model.model.layers[0]
+        swapped = lambda: ("project" in layer.self_attn.__dict__, "gate_up" in layer.mlp.__dict__,  # noqa
+                           "forward" in layer.mlp.down_proj.__dict__, "forward" in layer.self_attn.o_proj.__dict__)
 
         def runs():  # sampling and greedy, noting per token whether the weights were packed
-            watch = lambda i, t: seen.add((hasattr(model, "packed_head"), "forward" in up.__dict__))  # noqa
+            watch = lambda i, t: seen.add((hasattr(model, "packed_head"), *swapped()))  # noqa
             return sum((generate(model, ps, 20, temperature=T, top_p=0.9, stop_ids=[5], seed=2, pool=6,
                                  return_logprobs=True, on_token=watch) for T in (0.9, 0)), [])
         packed = runs()
         packs = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16 units
-        assert seen == {(packs, packs)}  # every token from packed weights, or none
+        assert seen == {(packs,) * 5}  # every token from packed weights, or none
         seen.clear()
         monkeypatch.setattr(gen, "PACK_ON", ())
         plain = runs()
-        assert seen == {(False, False)}
+        assert seen == {(False,) * 5}
         monkeypatch.setattr(gen, "PACK_ON", ("cpu",))
         assert [t for t, _ in packed] == [t for t, _ in plain]
         tol = 1e-4 if dtype == torch.float32 else 0.05
@@ -254,7 +274,7 @@ def test_packed_weights_sample_what_plain_ones_do_and_are_undone(checkpoints, mo
                 with pytest.raises(RuntimeError, match="stop here"):
                     generate(model, ps, 20, on_token=fail)
             assert not hasattr(model, "packed_head")
-            assert all("forward" not in m.__dict__ for m in model.modules())
+            assert not any({"forward", "project", "gate_up"} & m.__dict__.keys() for m in model.modules())
 
 
 def test_logprobs_are_the_models_at_temperature_one(models):
