@@ -148,7 +148,7 @@ def packed_weights(model, enabled=True):
     # plain forwards after. Measured, SmolLM2-135M, 2 cores, a decode step's products at 48 rows: 1.3-2x
     # faster on AMD Zen 4 and on an AMX Xeon; packing 0.1 s; a second copy of the weights for the phase.
     # Products of the same input are one, their weights stacked: q|k|v (Attention.project) and gate|up
-    # (MLP.gate_up), so a layer runs 4, not 7 (a Zen 4 decode step: 9% faster at 1 row, 4% at 48).
+    # (MLP.gate_up), so a layer runs 4, not 7 (Zen 4: a decode step 8-16% faster at 1 row, ~4% at 48).
     # fp32 products go to MKL instead: packed through oneDNN they were 1.2x faster on Zen 4, 4% slower on
     # the Xeon, so fp32 is left as it is. Not under compile: Inductor packs its own.
     w = model.lm_weight
