@@ -248,8 +248,9 @@ def test_packed_weights_sample_what_plain_ones_do_and_are_undone(checkpoints, mo
         model = Transformer.from_pretrained(checkpoints[kind][0], dtype).eval()
         ps, seen = prompts(LENGTHS * 2, seed=5), set()
         layer = model.model.layers[0]
-        swapped = lambda: ("project" in layer.self_attn.__dict__, "gate_up" in layer.mlp.__dict__,  # noqa
-                           "forward" in layer.mlp.down_proj.__dict__, "forward" in layer.self_attn.o_proj.__dict__)
+        attn, mlp = layer.self_attn, layer.mlp
+        swapped = lambda: ("project" in attn.__dict__, "gate_up" in mlp.__dict__,  # noqa: E731
+                           "forward" in mlp.down_proj.__dict__, "forward" in attn.o_proj.__dict__)
 
         def runs():  # sampling and greedy, noting per token whether the weights were packed
             watch = lambda i, t: seen.add((hasattr(model, "packed_head"), *swapped()))  # noqa
