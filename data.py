@@ -299,7 +299,8 @@ def is_english(text, min_ascii=0.95):
 def encode_answer(tok, prompt, answer):
     # Prompt ids (chat template + generation prompt) and the answer's ids as the template renders them,
     # cut after the first stop token: exactly what the sampler produces for a generated answer, so real
-    # and generated answers are tokenised the same way (the paper's code did not do this).
+    # and generated answers are tokenised the same way. (The reference scores the template's text after
+    # the answer too, plus one more EOS: docs/departures.md.)
     p = tok.apply_chat_template(prompt, add_generation_prompt=True)
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}])
     if full[:len(p)] != p:
@@ -310,11 +311,18 @@ def encode_answer(tok, prompt, answer):
     return p, r if stop is None else r[:stop + 1]
 
 
-def truncate(p, r, max_length, max_prompt_length):
-    # The reference's policy: keep the END of a long prompt, then cut the answer to fit max_length.
-    cut_p, cut_r = len(p) > max_prompt_length, len(p[-max_prompt_length:]) + len(r) > max_length
+def truncate(p, answers, max_length, max_prompt_length):
+    # The reference's rule (its DataCollatorWithPadding, TRL's classic tokenize_row), for a prompt and the
+    # answers that share it: only when the prompt and its LONGEST answer exceed max_length, the prompt keeps
+    # its last max_prompt_length tokens; if that is still too long, every answer is cut to max_length -
+    # max_prompt_length (whatever the prompt's length). -> prompt, answers, whether anything was cut
+    longest = max(map(len, answers))
+    if len(p) + longest <= max_length:
+        return p, answers, False
     p = p[-max_prompt_length:]
-    return p, r[:max_length - len(p)], cut_p, cut_r
+    if len(p) + longest > max_length:
+        answers = [r[:max_length - max_prompt_length] for r in answers]
+    return p, answers, True
 
 
 def pack(groups, rows, pad_id, device=None, length=None):

@@ -126,6 +126,20 @@ def sample(logits, u, temperature, top_k, top_p, min_p=0.0, penalty=1.0, seen=No
     return tok, (logits.gather(-1, tok[:, None]) - top)[:, 0] - total.log()
 
 
+def from_generation_config(config, source="generation_config.json"):
+    # generation_config.json (a dict) -> generate()'s sampling arguments: what transformers' generate() does
+    # with it and no arguments of its own (the reference's HF script), its defaults where a field is unset.
+    unsupported = dict(num_beams=1, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None,
+                       no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, penalty_alpha=None)
+    for key, default in unsupported.items():
+        if config.get(key) not in (None, default):
+            raise ValueError(f"{source}: {key}={config[key]} is not supported by this sampler")
+    g = {k: v if config.get(k) is None else config[k] for k, v in dict(
+        do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=0.0, repetition_penalty=1.0).items()}
+    return dict(temperature=g["temperature"] if g["do_sample"] else 0.0, top_k=g["top_k"] or 0,
+                top_p=g["top_p"], min_p=g["min_p"], repetition_penalty=g["repetition_penalty"])
+
+
 def lm_head(model, h):
     # h (B, D) -> fp32 logits (B, V). With packed weights (below), oneDNN's product with the head's packed
     # copy; otherwise W @ h^T, which MKL ran 1.3-1.6x faster here than h @ W^T for a vocabulary-sized W and

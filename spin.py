@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pairs, truncate
-from generate import gathered, generate
+from generate import from_generation_config, gathered, generate
 from model import CPU_FP32_KEYS, Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 from report import report, stop_rule
 
@@ -41,7 +41,8 @@ class Config:
                                     # train_sft; "" = train for a hub id, every file for a folder
     out: str = "runs/spin"          # OUT/iter{t}/generated.jsonl, OUT/iter{t}/model/, OUT/metrics.jsonl
     iterations: int = 3             # self-play iterations t = 0 .. iterations-1
-    epochs: int = 2                 # passes over each iteration's pairs (the paper's text: 2)
+    epochs: int = 2                 # passes over each iteration's pairs (the paper's text: 2; the
+                                    # reference's scripts: 6, an epoch chosen among them: --select_epoch)
     batch_size: int = 8             # pairs per optimizer step, over all processes (the paper: 64)
     micro_batch_tokens: int = 0     # tokens per forward per process (pairs packed, prompt shared); a
                                     # step runs as many micro-batches as its pairs need; 0 = 4096 on
@@ -50,26 +51,33 @@ class Config:
     beta: tuple = (0.1,)            # SPIN's beta per iteration (the last repeats)
     loss: str = "sigmoid"           # "sigmoid" (-log sigmoid(margin)) or "hinge" (max(0, 1 - margin))
     optimizer: str = "adamw"        # "adamw", or "rmsprop" as in the reference code
-    warmup_ratio: float = 0.1       # linear warmup over this share of steps, then linear decay to 0
+    warmup_ratio: float = 0.1       # linear warmup over this share of steps (rounded up; from lr 0), then
+                                    # linear decay to 0: transformers' linear schedule, as the reference
     max_grad_norm: float = 1.0      # gradient clipping
     max_new_tokens: int = 256       # longest generated answer (the reference: 256)
-    max_length: int = 1024          # prompt + answer tokens, at most
-    max_prompt_length: int = 512    # longer prompts keep their end
-    temperature: float = 1.0        # sampling temperature of the opponent (the reference: 1.0)
-    top_p: float = 1.0              # nucleus sampling (the reference: 1.0)
+    max_length: int = 1024          # prompt + answer tokens, at most: a longer pair (its prompt + its
+                                    # longer answer) keeps the prompt's last max_prompt_length tokens,
+    max_prompt_length: int = 512    # then cuts both answers to max_length - max_prompt_length (the reference)
+    temperature: float = 1.0        # sampling temperature of the opponent (the reference's vLLM script: 1.0)
+    top_p: float = 1.0              # nucleus sampling (the reference's vLLM script: 1.0)
     min_p: float = 0.0              # drop tokens less likely than min_p x the most likely one (the
                                     # reference: 0): fewer rambling samples from a small model
     repetition_penalty: float = 1.0  # transformers' penalty on tokens already in the prompt or answer (the
                                     # reference: 1 = none): fewer samples looping until the cap
+    use_generation_config: bool = False  # decode as transformers' generate() reads generation_config.json
+                                    # (greedy unless do_sample; the reference's HF script), not the four above
+    system_prompt: str = None       # a system turn put first in every prompt that has none; unset: none,
+                                    # "" (--system_prompt=): an empty one, as the reference code does
     seed: int = 0                   # one seed for sampling (per prompt) and shuffling: results do not
                                     # depend on the number of processes (samples: up to floating point)
     num_prompts: int = 0            # training prompts to use, 0 = all
     num_eval: int = 0               # held-out prompts (taken before the training ones, never trained on)
                                     # evaluated before training and after each iteration; 0 = no eval
-    keep_previous: bool = True      # iteration t >= 1 also trains on iteration t-1's pairs (the paper)
+    keep_previous: bool = True      # iteration t >= 1 also trains on iteration t-1's pairs (the reference)
     first_turn: bool = False        # keep only the first user turn and its answer (the paper's setting)
     english_only: bool = False      # drop records that are not (mostly ASCII) English
-    drop_long: bool = False         # drop pairs longer than the limits instead of truncating them
+    drop_long: bool = False         # drop pairs the limits could cut (a prompt over max_prompt_length, or
+                                    # a real answer over max_new_tokens or max_length - the prompt)
     max_real_length: int = 0        # drop pairs whose real answer has more tokens (0 = no limit): prompts
                                     # that ask for short answers, which a small model can finish too
     min_real_length: int = 0        # drop pairs whose real answer has fewer tokens: with max_real_length,
@@ -93,7 +101,7 @@ class Config:
     stop_margin: float = 0.0        # nats per token an iteration must gain to count as an improvement
     patience: int = 1               # iterations without improvement before the stop rule ends the run
     cut_samples: str = "drop"       # pairs whose generated answer hit max_new_tokens: "drop" them from
-                                    # training (see training_groups) or "keep" them (the paper)
+                                    # training (see training_groups) or "keep" them (the reference code)
 
 
 def wheel_file(package, relpath):
@@ -237,9 +245,12 @@ def generate_answers(model, tok, prompts, cfg, seed, desc):
     # not on the number of processes) with no communication: weights gathered once, results gathered once.
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = range(rank, len(prompts), world)
+    sampling = (from_generation_config(tok.generation_config, f"{tok.source}/generation_config.json")
+                if cfg.use_generation_config else
+                dict(temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p,
+                     repetition_penalty=cfg.repetition_penalty))
     with gathered(model):
-        out = generate(model, [prompts[i] for i in mine], cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty,
+        out = generate(model, [prompts[i] for i in mine], cfg.max_new_tokens, **sampling,
                        stop_ids=tok.eos_ids, seeds=[seed + i for i in mine],
                        pool=cfg.gen_batch_size or None, compile=cfg.compile,
                        progress=desc if rank == 0 else None)
@@ -337,6 +348,12 @@ def reshard(model):
     return model
 
 
+def linear_schedule(step, total, warm):
+    # lr factor at step `step` (from 0) of `total`: transformers' linear schedule, as the reference's: up
+    # from 0 over `warm` steps (a first warmup step does not move), then down to 0 at step `total`
+    return step / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+
+
 def train(model, groups, ref, cfg, t, log, after_epoch):
     # groups: (prompt ids, [real answer ids, generated answer ids]); ref: (N, 2) log-probs under p_t.
     # after_epoch(epochs done) runs after each epoch (the held-out evaluation).
@@ -345,13 +362,11 @@ def train(model, groups, ref, cfg, t, log, after_epoch):
     lr, beta, n, lengths = per_iter(cfg.lr, t), per_iter(cfg.beta, t), len(groups), lengths_of(groups)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    warm = max(1, round(cfg.warmup_ratio * total))
+    warm = math.ceil(cfg.warmup_ratio * total)
     # fused: one kernel per parameter for the whole update (3.5x the per-op loop on CPU, 135M params)
     opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
            if cfg.optimizer == "adamw" else torch.optim.RMSprop(model.parameters(), lr=lr))
-    # Linear warmup to lr, then linear decay to 0 at exactly the last configured step.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, (total - s) / max(1, total - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warm))
     step, sums, t0 = 0, torch.zeros(6, dtype=torch.float64, device=DEVICE), time.time()
     bar = tqdm(total=total, desc=f"iter {t} train", disable=rank != 0)
     for epoch in range(cfg.epochs):
@@ -415,11 +430,16 @@ def load_data(cfg, tok):
     pairs, stats = read_pairs(cfg.data, cfg.first_turn, cfg.skip_bad, keep)
     examples, dropped, cut = [], 0, 0
     for prompt, answer in pairs:
-        p, r, was_cut = pair_tokens(tok, prompt, answer, cfg)
-        if (cfg.drop_long and (was_cut or len(r) > cfg.max_new_tokens)  # longer than a sample can be
+        if cfg.system_prompt is not None and prompt[0]["role"] != "system":  # as the reference adds one
+            prompt = [{"role": "system", "content": cfg.system_prompt}] + prompt
+        p, r = encode_answer(tok, prompt, answer)
+        if (cfg.drop_long and (len(p) > cfg.max_prompt_length or len(p) + len(r) > cfg.max_length
+                               or len(r) > cfg.max_new_tokens)  # longer than a sample can be
                 or cfg.max_real_length and len(r) > cfg.max_real_length or len(r) < cfg.min_real_length):
             dropped += 1
             continue
+        # The opponent answers the prompt as training sees it beside the real answer (the reference: whole)
+        p, (r,), was_cut = truncate(p, [r], cfg.max_length, cfg.max_prompt_length)
         cut += was_cut
         examples.append((prompt, answer, p, r))
         if cfg.num_prompts and len(examples) >= cfg.num_prompts + cfg.num_eval:
@@ -431,13 +451,6 @@ def load_data(cfg, tok):
         sys.exit(f"{cfg.data}: {len(examples)} usable pairs, not enough for {cfg.num_eval} held-out + "
                  f"training")
     return examples[:cfg.num_eval], examples[cfg.num_eval:]
-
-
-def pair_tokens(tok, prompt, answer, cfg):
-    # -> prompt ids, answer ids (the same tokenisation for real and generated answers), whether cut
-    p, r = encode_answer(tok, prompt, answer)
-    p, r, cut_p, cut_r = truncate(p, r, cfg.max_length, cfg.max_prompt_length)
-    return p, r, cut_p or cut_r
 
 
 def write_jsonl(path, rows):
@@ -463,13 +476,12 @@ def evaluate(model, tok, held, cfg, t, start):
     gen = generate_answers(model, tok, [p for _, _, p, _ in held], cfg, seed=cfg.seed + 10_000_000,
                            desc="eval generate")
     texts = [tok.decode(g) for g in gen]
-    real = [(p, r) for _, _, p, r in held]
-    fresh = [pair_tokens(tok, prompt, text, cfg)[:2] for (prompt, _, _, _), text in zip(held, texts)]
-    # one group per prompt: its real answer, the fresh one and (during training) p_t's
-    groups = [(p, [r, f] + ([start["fresh"][i][1]] if start else []))
-              for i, ((p, r), (_, f)) in enumerate(zip(real, fresh))]
+    fresh = [encode_answer(tok, prompt, text)[1] for (prompt, *_), text in zip(held, texts)]
+    # one group per prompt: its real answer, the fresh one and (during training) p_t's, cut as training cuts
+    groups = [truncate(p, [r, f] + ([start["fresh"][i]] if start else []), cfg.max_length,
+                       cfg.max_prompt_length)[:2] for i, ((*_, p, r), f) in enumerate(zip(held, fresh))]
     lp = score(model, groups, cfg, "eval score").T                                 # (A, held)
-    n_real, n_gen = torch.tensor([len(r) for _, r in real]), torch.tensor([len(r) for _, r in fresh])
+    n_real, n_gen = (torch.tensor([len(answers[a]) for _, answers in groups]) for a in (0, 1))
     row = {"nll_real": -(lp[0].sum() / n_real.sum()).item(), "gen_len": n_gen.float().mean().item(),
            "gen_unfinished": sum(not g or g[-1] not in tok.eos_ids for g in gen) / len(gen),
            "gap": (lp[0] / n_real - lp[1] / n_gen).mean().item(), "acc": None, "margin": None}
@@ -627,25 +639,31 @@ def main(argv):
 
 def training_groups(tok, cfg, t):
     # (prompt ids, [real answer ids, generated answer ids]) of iteration t's pairs (and t-1's, as the
-    # paper trains on both); the prompt is shared. A generated answer cut at max_new_tokens ends
+    # reference code trains on both); the prompt is shared. A generated answer cut at max_new_tokens ends
     # mid-sentence where the real one ends properly: with cut_samples="drop" its pair is left out, so
-    # that the loss cannot learn "unfinished = generated" instead of the content (the paper keeps them).
+    # that the loss cannot learn "unfinished = generated" instead of the content (the reference keeps
+    # them).
     groups, dropped = [], 0
     for it in ([t - 1, t] if cfg.keep_previous and t > 0 else [t]):
         for row in read_jsonl(f"{cfg.out}/iter{it}/generated.jsonl"):
             if row.get("cut") and cfg.cut_samples == "drop":
                 dropped += 1
                 continue
-            prompt = row["real"][:-1]
-            p, real = pair_tokens(tok, prompt, row["real"][-1]["content"], cfg)[:2]
-            _, gen = pair_tokens(tok, prompt, row["generated"][-1]["content"], cfg)[:2]
-            groups.append((p, [real, gen]))
+            groups.append(pair_group(tok, row["real"][:-1], row["real"][-1]["content"],
+                                     row["generated"][-1]["content"], cfg))
     if dropped:
         print0(f"iteration {t}: {dropped} pairs with a cut generated answer left out ({len(groups)} kept)")
     if not groups:
         raise ValueError(f"iteration {t}: every generated answer was cut at --max_new_tokens="
                          f"{cfg.max_new_tokens}; raise it or pass --cut_samples=keep")
     return groups
+
+
+def pair_group(tok, prompt, real, generated, cfg):
+    # prompt messages, the two answers' texts -> (prompt ids, [real ids, generated ids]), cut together
+    p, r = encode_answer(tok, prompt, real)
+    _, g = encode_answer(tok, prompt, generated)
+    return truncate(p, [r, g], cfg.max_length, cfg.max_prompt_length)[:2]
 
 
 PAD, DEVICE = 0, torch.device("cpu")

@@ -88,10 +88,7 @@ def groups_for(a, tok, cfg, vocab):
     if a.set in ("default", "chat"):
         texts = default_pairs(a.pairs) if a.set == "default" else \
             workload.with_random_answers(tok, workload.chat_rows(a.pairs, a.chat))
-        groups = []
-        for prompt, real, gen in texts:
-            p, r = spin.pair_tokens(tok, prompt, real, cfg)[:2]
-            groups.append((p, [r, spin.pair_tokens(tok, prompt, gen, cfg)[1]]))
+        groups = [spin.pair_group(tok, prompt, real, gen, cfg) for prompt, real, gen in texts]
     else:
         g = torch.Generator().manual_seed(0)
         rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731

@@ -221,10 +221,6 @@ def sft(model, train, val, test, s, cfg, seed):
     return best[1], rows
 
 
-def linear_schedule(k, total, warm):  # spin.train's: linear warmup to lr, then linear decay to 0
-    return min((k + 1) / warm, (total - k) / max(1, total - warm))
-
-
 # ----- the two arms -----
 
 def spin_arm(model, train, val, test, s, cfg, counter):
@@ -287,13 +283,13 @@ def sft_arm(model, train, val, test, s, cfg, lr, plan, counter):
     for t in range(s.iterations):
         epochs = plan[t * s.epochs:(t + 1) * s.epochs]
         total = sum(map(len, epochs))
-        warm = max(1, round(cfg.warmup_ratio * total))
+        warm = math.ceil(cfg.warmup_ratio * total)  # spin.train's schedule
         spin.reshard(model)
         opt, k = torch.optim.AdamW(model.parameters(), weight_decay=0.0), 0
         for e, budget in enumerate(epochs, 1):
             model.train()
             for n in budget:
-                sft_step(model, opt, take(n), lr * linear_schedule(k, total, warm), cfg)
+                sft_step(model, opt, take(n), lr * spin.linear_schedule(k, total, warm), cfg)
                 k += 1
             model.eval()
             rows.append({"iter": t, "epoch": e, **evaluate(model, val, test, cfg), "tokens": counter.take(),

@@ -70,3 +70,18 @@ def checkpoints(tmp_path_factory):
     # One checkpoint per kind, built once per test session (building costs ~1 s each).
     root = tmp_path_factory.mktemp("ckpt")
     return {k: (str(root / k), build_checkpoint(root / k, k)) for k in KINDS}
+
+
+@pytest.fixture
+def process_group():
+    # A group of one (gloo), as `python spin.py` runs, for tests that call spin's phases in-process; left
+    # as it was found (an earlier test may hold one).
+    import torch.distributed as dist
+
+    import spin
+    created = not dist.is_initialized()
+    if created:
+        spin.setup_distributed()
+    yield
+    if created:
+        dist.destroy_process_group()

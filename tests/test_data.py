@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import build_tokenizer
 from data import Tokenizer, encode_answer, read_pairs, to_pair, truncate
@@ -99,8 +100,37 @@ def test_encode_answer_uses_template_and_stops_at_eos(tmp_path):
     assert p + r == tok.apply_chat_template(prompt + [{"role": "assistant", "content": ANSWER}])[:len(p + r)]
 
 
-def test_truncation_policy():
-    p, r = list(range(10)), list(range(100, 120))
-    p2, r2, cut_p, cut_r = truncate(p, r, max_length=16, max_prompt_length=6)
-    assert p2 == p[-6:] and r2 == r[:10] and cut_p and cut_r  # the prompt keeps its end
-    assert truncate(p, r, 100, 50) == (p, r, False, False)
+def reference_truncation(prompt, chosen, rejected, max_length, max_prompt_length):
+    # uclaml/SPIN's spin/alignment/utils.py (HEAD a12ba80), DataCollatorWithPadding.tokenize_batch_element,
+    # lines 102-118, transcribed on id lists (its answers already carry their appended EOS)
+    longer_response_length = max(len(chosen), len(rejected))
+    if len(prompt) + longer_response_length > max_length:
+        prompt = prompt[-max_prompt_length:]  # truncation_mode "keep_end"
+    if len(prompt) + longer_response_length > max_length:
+        chosen = chosen[: max_length - max_prompt_length]
+        rejected = rejected[: max_length - max_prompt_length]
+    return prompt, chosen, rejected
+
+
+def test_truncation_is_the_reference_rule():
+    ids = lambda n, base=0: list(range(base, base + n))  # noqa: E731
+    # The two cases at 1024 / 512. A 600-token prompt with 200-token answers: nothing is cut.
+    p, (r, g), cut = truncate(ids(600), [ids(200, 1000), ids(200, 2000)], 1024, 512)
+    assert (len(p), len(r), len(g), cut) == (600, 200, 200, False)
+    # A 100-token prompt with a 1000-token real answer: the prompt stays whole, BOTH answers are cut to
+    # 1024 - 512 = 512 tokens (not to 1024 - 100), the short one untouched.
+    p, (r, g), cut = truncate(ids(100), [ids(1000, 1000), ids(50, 3000)], 1024, 512)
+    assert (p, r, g, cut) == (ids(100), ids(512, 1000), ids(50, 3000), True)
+    # A long prompt keeps its end; the answers then fit.
+    p, (r, g), cut = truncate(ids(900), [ids(300, 1000), ids(10, 2000)], 1024, 512)
+    assert (p, r, g, cut) == (ids(512, 388), ids(300, 1000), ids(10, 2000), True)
+    # Against the reference's own lines, over random lengths around the limits.
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        P, R, G = (int(x) for x in torch.randint(1, 40, (3,), generator=gen))
+        ml, mpl = (int(x) for x in torch.randint(2, 40, (2,), generator=gen))
+        mpl = min(mpl, ml - 1)
+        want = reference_truncation(ids(P), ids(R, 100), ids(G, 200), ml, mpl)
+        p, (r, g), cut = truncate(ids(P), [ids(R, 100), ids(G, 200)], ml, mpl)
+        assert (p, r, g) == want, (P, R, G, ml, mpl)
+        assert cut == (P + max(R, G) > ml)

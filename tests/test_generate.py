@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, gathered, generate, penalize, pool_size,
-                      prompt_keys, sample, span, uniforms)
+from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, from_generation_config, gathered, generate,
+                      penalize, pool_size, prompt_keys, sample, span, uniforms)
 from model import Transformer
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
@@ -349,6 +349,28 @@ def test_sampling_draws_only_allowed_tokens_at_their_frequencies():
     assert sample(logits, edges, 1.0, 2, 1.0)[0].tolist() == [1, 2]
     # Keys come from the prompt's content, not only its length.
     assert not torch.equal(prompt_keys([[1, 2]], 0, None), prompt_keys([[2, 1]], 0, None))
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"do_sample": False, "temperature": 0.6, "top_p": 0.9},  # greedy: transformers ignores the rest
+    {"do_sample": True}, {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 0},
+    {"do_sample": True, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3, "temperature": None},
+    {"repetition_penalty": 1.2, "bos_token_id": 1, "eos_token_id": [2, 3], "max_length": 4096}])
+def test_generation_config_decodes_as_transformers_would(config):
+    # --use_generation_config: what transformers' generate() does with this generation_config.json and no
+    # sampling arguments (the reference's HF script): its defaults fill what the file leaves unset.
+    from transformers import GenerationConfig
+    g = {**GenerationConfig._get_default_generation_params(),
+         **{k: v for k, v in GenerationConfig.from_dict(config).to_dict().items() if v is not None}}
+    got = from_generation_config(config)
+    assert got["repetition_penalty"] == g["repetition_penalty"]  # applied when greedy too
+    if not g["do_sample"]:
+        assert got["temperature"] == 0  # greedy; the filters then change nothing
+    else:
+        assert (got["temperature"], got["top_k"], got["top_p"], got["min_p"]) == \
+            (g["temperature"], g["top_k"], g["top_p"], g.get("min_p") or 0.0), (got, g)
+    with pytest.raises(ValueError, match="ckpt/generation_config.json: num_beams=4 is not supported"):
+        from_generation_config({**config, "num_beams": 4}, "ckpt/generation_config.json")
 
 
 def test_max_new_tokens_and_errors(models):

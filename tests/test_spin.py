@@ -338,3 +338,49 @@ def test_bf16_two_processes_match_one(setup):
         a, b = weights(one, t), weights(two, t)
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst < 1e-5, f"iteration {t}: max weight difference {worst:.2e}"
+
+
+# ----- the reference's options: a system turn, the checkpoint's own decoding -----
+
+def test_system_prompt_is_an_optional_first_turn(setup, tmp_path):
+    # Unset: prompts as the data has them. "" (the reference code): an empty system turn first in every
+    # prompt that has none; a prompt with its own system turn keeps it.
+    from data import Tokenizer
+    from spin import Config, load_data
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    data = tmp_path / "sys.jsonl"
+    data.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Be brief."}] + chat}) + "\n")
+    tok = Tokenizer.from_pretrained(str(setup / "ckpt"))
+    _, plain = load_data(Config(data=str(data)), tok)
+    assert [e[0] for e in plain] == [chat[:1], [{"role": "system", "content": "Be brief."}] + chat[:1]]
+    _, empty = load_data(Config(data=str(data), system_prompt=""), tok)
+    assert [e[0][0] for e in empty] == [{"role": "system", "content": ""},
+                                        {"role": "system", "content": "Be brief."}]
+    # the prompt the opponent answers (and training scores) is the template's, the empty turn first
+    assert tok.decode(empty[0][2], skip_special_tokens=False) == \
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert parse_config(["--model=m", "--data=d", "--system_prompt="]).system_prompt == ""
+    assert parse_config(["--model=m", "--data=d"]).system_prompt is None
+
+
+def test_generation_config_decoding_is_the_checkpoints(setup, process_group):
+    # --use_generation_config: the tiny checkpoint's generation_config.json (written by transformers) does
+    # not sample, so the opponent answers greedily, whatever the seed, as transformers' generate() would.
+    import spin
+    from data import Tokenizer
+    from generate import generate
+    from model import Transformer
+    tok = Tokenizer.from_pretrained(str(setup / "ckpt"))
+    assert tok.generation_config and not tok.generation_config.get("do_sample")
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"What is {i} plus {i}?"}],
+                                       add_generation_prompt=True) for i in range(3)]
+    greedy = generate(Transformer.from_pretrained(str(setup / "ckpt")), prompts, 8, temperature=0,
+                      stop_ids=tok.eos_ids)
+    model = spin.shard(Transformer.from_pretrained(str(setup / "ckpt")), 1, torch.device("cpu"),
+                       torch.float32)
+    cfg = spin.Config(max_new_tokens=8)
+    sampled = spin.generate_answers(model, tok, prompts, cfg, seed=1, desc=None)
+    cfg.use_generation_config = True
+    got = [spin.generate_answers(model, tok, prompts, cfg, seed=s, desc=None) for s in (1, 2)]
+    assert got[0] == got[1] == greedy != sampled
