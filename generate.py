@@ -11,7 +11,7 @@ CUDA graphs want. Randomness is
 counter-based per prompt: draw t of a prompt is a hash of (its key, t), so a prompt gets the same sample
 whatever the pool size, its neighbours, the scheduling, or the rank it runs on, up to floating point:
 on real weights the GEMMs round differently with the batch's shape (~1e-5 in the log-probs), which
-can flip a draw that lands in the distribution's far tail (README, "generate").
+can flip a draw that lands in the distribution's far tail (docs/running.md, "generate").
 
     python generate.py --model PATH --prompt "Tell me a joke" [--raw] [--temperature 0.7 --top_p 0.9]
                        [--min_p 0.1 --repetition_penalty 1.2]
@@ -67,7 +67,7 @@ def penalize(logits, seen, penalty):
     # logits (B, V), seen (B, V) bool: the tokens already in each row (its prompt and its answer so far).
     # transformers' repetition_penalty (Keskar et al., 2019): a seen token's logit is divided by penalty
     # where positive, multiplied where negative, so it always loses odds. A small model at temperature 1
-    # otherwise falls into loops that never reach a stop id (README, "The default run").
+    # otherwise falls into loops that never reach a stop id (docs/default_run.md).
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 

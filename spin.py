@@ -114,7 +114,7 @@ def wheel_file(package, relpath):
 
 # The default run (no --data): SmolLM2-135M on ShareGPT first turns whose real answer is short (at most 64
 # tokens), so that its own answers can finish within the cap too; min_p keeps it from rambling and the
-# repetition penalty from looping (measured on its first 96 training prompts, README "The default run"); the
+# repetition penalty from looping (measured on its first 96 training prompts, docs/default_run.md); the
 # stop rule is on, so that each iteration starts from its predecessor's best epoch by held-out nll_real.
 # On a GPU, scale it with --num_prompts, --iterations, --max_new_tokens / --max_length, --batch_size.
 DEFAULT_RUN = dict(num_prompts=192, num_eval=48, iterations=2, max_new_tokens=384, max_prompt_length=96,
