@@ -273,24 +273,28 @@ def micro_batches(lengths, items, budget):
     return [row for _, row in rows]
 
 
-def schedule(lengths, items, cfg):
+def schedule(lengths, items, budget):
     # This rank's micro-batches for `items`: groups dealt longest first, each to the rank with the fewest
-    # tokens so far, then packed. Every rank computes every rank's plan (no communication) and runs as
-    # many micro-batches as the busiest rank, since FSDP's forward and backward are collective: None
-    # marks a dummy.
+    # tokens so far, then packed into rows of `budget` tokens. Every rank computes every rank's plan (no
+    # communication) and runs as many micro-batches as the busiest rank, since FSDP's forward and backward
+    # are collective: None marks a dummy.
     world = dist.get_world_size()
     load, share = [0] * world, [[] for _ in range(world)]
     for i in sorted(items, key=lambda i: (-lengths[i], i)):
         r = load.index(min(load))
         share[r].append(i)
         load[r] += lengths[i]
-    plans = [micro_batches(lengths, mine, token_budget(cfg)) for mine in share]
+    plans = [micro_batches(lengths, mine, budget) for mine in share]
     mine = plans[dist.get_rank()]
     return mine + [None] * (max(map(len, plans)) - len(mine))
 
 
-def token_budget(cfg):
-    return cfg.micro_batch_tokens or (16384 if DEVICE.type == "cuda" else 4096)
+def token_budget(cfg, device):
+    return cfg.micro_batch_tokens or (16384 if device.type == "cuda" else 4096)
+
+
+def device_of(model):
+    return next(model.parameters()).device
 
 
 def group_logprobs(model, groups, row, cfg):
@@ -298,13 +302,15 @@ def group_logprobs(model, groups, row, cfg):
     # tokens: SPIN compares whole sequences) and its number of answer tokens. On CUDA the row is padded to
     # a multiple of a quarter of the budget: FlexAttention's kernels are compiled per row length, so at
     # most four lengths (x2: with and without gradients), and the padding costs under a quarter of a row.
-    quantum = max(128, token_budget(cfg) // 4 // 128 * 128)
+    device = device_of(model)
+    quantum = max(128, token_budget(cfg, device) // 4 // 128 * 128)
     length = -(-sum(lengths_of([groups[g] for g in row])) // quantum) * quantum
-    tokens, layout, targets, owner = pack([groups[g] for g in row], [list(range(len(row)))], PAD, DEVICE,
-                                          length=length if DEVICE.type == "cuda" else None)
+    # pad id 0: padding is never attended to (each padding token sees only itself) nor trained on
+    tokens, layout, targets, owner = pack([groups[g] for g in row], [list(range(len(row)))], 0, device,
+                                          length=length if device.type == "cuda" else None)
     A = len(groups[row[0]][1])
     logp = model(tokens, layout=layout, targets=targets)                                   # (n,)
-    return torch.zeros(len(row) * A, device=DEVICE).index_add(0, owner, logp).view(-1, A), len(owner)
+    return torch.zeros(len(row) * A, device=device).index_add(0, owner, logp).view(-1, A), len(owner)
 
 
 def lengths_of(groups):
@@ -316,7 +322,8 @@ def score(model, groups, cfg, desc):
     # groups: (prompt ids, [answer ids, ...]) -> (G, A) fp32 log p(answer | prompt) under the current
     # model, on every rank, through the same packed layout as training.
     mine = {}
-    for row in tqdm(schedule(lengths_of(groups), range(len(groups)), cfg), desc=desc,
+    budget = token_budget(cfg, device_of(model))
+    for row in tqdm(schedule(lengths_of(groups), range(len(groups)), budget), desc=desc,
                     disable=dist.get_rank() != 0):
         logp, _ = group_logprobs(model, groups, row or [0], cfg)
         if row:
@@ -367,19 +374,20 @@ def train(model, groups, ref, cfg, t, log, after_epoch):
     opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
            if cfg.optimizer == "adamw" else torch.optim.RMSprop(model.parameters(), lr=lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warm))
-    step, sums, t0 = 0, torch.zeros(6, dtype=torch.float64, device=DEVICE), time.time()
+    device = device_of(model)
+    step, sums, t0 = 0, torch.zeros(6, dtype=torch.float64, device=device), time.time()
     bar = tqdm(total=total, desc=f"iter {t} train", disable=rank != 0)
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + t * 100 + epoch))
         for s in range(steps_per_epoch):
             batch = order[s * cfg.batch_size:(s + 1) * cfg.batch_size].tolist()
             step_sums = torch.zeros_like(sums)  # on the device: no host sync per micro-step
-            for row in schedule(lengths, batch, cfg):
+            for row in schedule(lengths, batch, token_budget(cfg, device)):
                 # A dummy micro-batch (this rank has fewer than another) still runs, with weight 0.
                 weight = 1.0 if row else 0.0
                 row = row or batch[:1]
                 logp, ntok = group_logprobs(model, groups, row, cfg)                     # (k, 2)
-                r = ref[row].to(DEVICE)
+                r = ref[row].to(device)
                 loss, rr, gr = spin_loss(logp[:, 0], logp[:, 1], r[:, 0], r[:, 1], beta, cfg.loss)
                 # Sum over the global batch / its size; x world undoes FSDP's gradient averaging.
                 (loss.sum() * weight * world / len(batch)).backward()
@@ -508,9 +516,8 @@ def local(p):
 # ----- the loop -----
 
 def main(argv):
-    global PAD, DEVICE
     cfg = parse_config(argv)
-    rank, world, DEVICE = setup_distributed()
+    rank, world, device = setup_distributed()
     # One run per --out: rank 0 holds an flock on OUT/.lock while it lives. The kernel drops it when the
     # process ends, however it ends, so a killed run never leaves it stuck.
     lock = None
@@ -527,7 +534,6 @@ def main(argv):
     cfg.model, cfg.data = resolve_model(cfg.model), ",".join(data_files(cfg.data, cfg.data_split))
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_pretrained(cfg.model, chat_template=cfg.chat_template or None)
-    PAD = tok.pad_id
     held, train_set = load_data(cfg, tok)
     os.makedirs(cfg.out, exist_ok=True)
     # Resume: iteration t is complete when OUT/iter{t}/model exists (it is renamed into place last).
@@ -554,12 +560,12 @@ def main(argv):
     if start == cfg.iterations:
         return print0(f"all {cfg.iterations} iterations are complete in {cfg.out}")
     path = cfg.model if start == 0 else f"{cfg.out}/iter{start - 1}/model"
-    dtype = compute_dtype(DEVICE, cfg.compute_dtype)
+    dtype = compute_dtype(device, cfg.compute_dtype)
     cpu16 = f" (attention over <= {CPU_FP32_KEYS} keys in fp32: faster on a CPU)" \
-        if dtype == torch.bfloat16 and DEVICE.type == "cpu" else ""
-    print0(f"{world} process(es) on {DEVICE}, computing in {str(dtype).removeprefix('torch.')}{cpu16}; "
+        if dtype == torch.bfloat16 and device.type == "cpu" else ""
+    print0(f"{world} process(es) on {device}, computing in {str(dtype).removeprefix('torch.')}{cpu16}; "
            f"starting at iteration {start} from {path}")
-    model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, DEVICE, dtype)
+    model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, device, dtype)
     model.grad_checkpointing = cfg.grad_checkpointing
     prompts = [p for _, _, p, _ in train_set]
     start_eval = None  # held-out state of the iteration's start model p_t: its answers, log-probs, row
@@ -665,8 +671,6 @@ def pair_group(tok, prompt, real, generated, cfg):
     _, g = encode_answer(tok, prompt, generated)
     return truncate(p, [r, g], cfg.max_length, cfg.max_prompt_length)[:2]
 
-
-PAD, DEVICE = 0, torch.device("cpu")
 
 if __name__ == "__main__":
     try:

@@ -102,7 +102,7 @@ def groups_for(a, tok, cfg, vocab):
 
 # ----- the padded layout spin.py used before packing, plugged into the same loop -----
 
-def padded_schedule(lengths, items, cfg):
+def padded_schedule(lengths, items, budget):
     items = list(items)
     return [items[k:k + 4] for k in range(0, len(items), 4)]  # 4 pairs per micro-batch
 
@@ -110,14 +110,14 @@ def padded_schedule(lengths, items, cfg):
 def padded_group_logprobs(model, groups, idx, cfg):
     seqs = [(groups[g][0], r) for g in idx for r in groups[g][1]]            # real, generated, real, ...
     T = max(len(p) + len(r) for p, r in seqs)
-    tokens = torch.full((len(seqs), T), spin.PAD, dtype=torch.long)
+    tokens = torch.zeros((len(seqs), T), dtype=torch.long)  # pad id 0: never attended to nor trained on
     index, ids, owner = [], [], []
     for i, (p, r) in enumerate(seqs):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         index += range(i * T + len(p) - 1, i * T + len(p) + len(r) - 1)
         ids += r
         owner += [i] * len(r)
-    dev = spin.DEVICE
+    dev = spin.device_of(model)
     logp = model(tokens.to(dev), targets=(torch.tensor(index, device=dev), torch.tensor(ids, device=dev)))
     A = len(groups[idx[0]][1])
     sums = torch.zeros(len(seqs), device=dev).index_add(0, torch.tensor(owner, device=dev), logp)
@@ -147,7 +147,6 @@ def spin_model(a, cfg, model_path, dev):
     import torch.distributed as dist
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)
-    spin.DEVICE = dev  # a module global, as spin.main sets it
     if a.way == "padded":
         spin.schedule, spin.group_logprobs = padded_schedule, padded_group_logprobs
     model = workload.random_model(a.shape, dev) if model_path is None else \
@@ -295,7 +294,6 @@ def worker(a):
     else:
         model_path = None if a.shape == "7b" else a.ckpt
         tok = Tokenizer.from_pretrained(a.tokenizer)
-    spin.PAD = tok.pad_id
     cfg = config_for(a)
     groups, texts = groups_for(a, tok, cfg, workload.SHAPES.get(a.shape, {}).get("vocab_size", 49152))
     try:
@@ -311,7 +309,7 @@ def worker(a):
         r = {"error": "out of memory", "where": where(e), "detail": str(e).split("\n")[0][:160],
              **memory(0)}
     r["answer_tokens"] = sum(len(x) for _, answers in groups for x in answers) * cfg.epochs
-    r["micro_batch_tokens"] = spin.token_budget(cfg)
+    r["micro_batch_tokens"] = spin.token_budget(cfg, dev)
     print(json.dumps(r), flush=True)
     sys.stdout.flush()
     os._exit(0)  # past NCCL's and gloo's teardown

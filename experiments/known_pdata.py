@@ -141,7 +141,7 @@ def sample_pairs(teacher, s, n, seed):
 def sharded_student(s, seed, weights=None):
     # The student as spin.py trains a model: FSDP2 over this process's group (of one), fp32 throughout.
     model = spin.shard(random_model(s, s.student_width, s.student_layers, seed), dist.get_world_size(),
-                       spin.DEVICE, torch.float32)
+                       torch.device("cpu"), torch.float32)
     if weights is not None:
         spin.restore(model, weights)
     return model.eval()
@@ -181,7 +181,8 @@ def evaluate(model, val, test, cfg):
 def sft_step(model, opt, batch, lr, cfg):
     # batch [(x, y)]: one AdamW step at this lr, gradients clipped as spin.train clips them
     groups, n = [(x, [y]) for x, y in batch], sum(len(y) for _, y in batch)
-    for row in spin.micro_batches(spin.lengths_of(groups), range(len(groups)), spin.token_budget(cfg)):
+    budget = spin.token_budget(cfg, torch.device("cpu"))
+    for row in spin.micro_batches(spin.lengths_of(groups), range(len(groups)), budget):
         logp, _ = spin.group_logprobs(model, groups, row, cfg)                          # (k, 1)
         (-logp.sum() / n).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -441,7 +442,6 @@ def plot(results, s, path):
 def setup():
     if not dist.is_initialized():
         spin.setup_distributed()   # a group of one (gloo, HashStore), as `python spin.py` runs
-    spin.PAD, spin.DEVICE = STOP, torch.device("cpu")   # pad ids are never attended to nor trained on
 
 
 @contextmanager
