@@ -6,10 +6,8 @@ real answers over its own with p_t as the frozen reference (train), and saved (s
 runs the same in one process. Every phase writes to a temporary name and renames when complete, so
 re-running the same command after a crash continues from the last completed phase.
 """
-import fcntl
 import importlib.util
 import inspect
-import json
 import math
 import os
 import sys
@@ -27,7 +25,7 @@ from tqdm import tqdm
 from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pairs, truncate
 from generate import from_generation_config, gathered, generate
 from model import CPU_FP32_KEYS, Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
-from report import report, stop_rule
+from rundir import RunDir, read_jsonl, report, stop_rule, write_jsonl
 
 
 @dataclass
@@ -461,18 +459,6 @@ def load_data(cfg, tok):
     return examples[:cfg.num_eval], examples[cfg.num_eval:]
 
 
-def write_jsonl(path, rows):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 # ----- evaluation on held-out prompts: the start model, then after every epoch -----
 
 def evaluate(model, tok, held, cfg, t, start):
@@ -496,7 +482,7 @@ def evaluate(model, tok, held, cfg, t, start):
     if start:
         margin = per_iter(cfg.beta, t) * ((lp[0] - start["real"]) - (lp[2] - start["gen"]))
         row.update(acc=(margin > 0).float().mean().item(), margin=margin.mean().item())
-    return row, {"fresh": fresh, "real": lp[0], "gen": lp[1], "texts": texts}
+    return {"row": row, "fresh": fresh, "real": lp[0], "gen": lp[1], "texts": texts}
 
 
 def snapshot(model):  # this rank's shard of every parameter, on the CPU
@@ -518,129 +504,104 @@ def local(p):
 def main(argv):
     cfg = parse_config(argv)
     rank, world, device = setup_distributed()
-    # One run per --out: rank 0 holds an flock on OUT/.lock while it lives. The kernel drops it when the
-    # process ends, however it ends, so a killed run never leaves it stuck.
-    lock = None
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        lock = open(os.path.join(cfg.out, ".lock"), "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock = None
-    if not all_gather(lock is not None)[0]:
-        raise ValueError(f"{cfg.out}: another spin.py is running on this --out (it holds {cfg.out}/.lock)")
+    out = RunDir(cfg.out)  # one run per --out (a lock); what is complete; the logs
     # Hub ids -> snapshot folders in the hub's cache (every rank; huggingface_hub locks each file).
     cfg.model, cfg.data = resolve_model(cfg.model), ",".join(data_files(cfg.data, cfg.data_split))
     torch.manual_seed(cfg.seed)
     tok = Tokenizer.from_pretrained(cfg.model, chat_template=cfg.chat_template or None)
     held, train_set = load_data(cfg, tok)
-    os.makedirs(cfg.out, exist_ok=True)
-    # Resume: iteration t is complete when OUT/iter{t}/model exists (it is renamed into place last).
-    start = 0
-    while start < cfg.iterations and os.path.isfile(f"{cfg.out}/iter{start}/model/config.json"):
-        start += 1
-    metrics_file, eval_file = f"{cfg.out}/metrics.jsonl", f"{cfg.out}/eval.jsonl"
-    if rank == 0:  # drop metrics of an iteration that did not complete; it runs again
-        generated = os.path.isfile(f"{cfg.out}/iter{start}/generated.jsonl")  # that phase is kept
-        for file in (metrics_file, eval_file):
-            if os.path.isfile(file):
-                write_jsonl(file, [r for r in read_jsonl(file) if r["iter"] < start or
-                                   (generated and r["iter"] == start and r.get("phase") == "generate")])
-    dist.barrier()
-
-    def log(row, file=metrics_file):
-        if rank == 0:
-            with open(file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def eval_rows():  # eval.jsonl as rank 0 reads it, on every rank
-        return all_gather(read_jsonl(eval_file) if rank == 0 and os.path.isfile(eval_file) else [])[0]
-
+    start = out.resume(cfg.iterations)
     if start == cfg.iterations:
         return print0(f"all {cfg.iterations} iterations are complete in {cfg.out}")
     path = cfg.model if start == 0 else f"{cfg.out}/iter{start - 1}/model"
-    dtype = compute_dtype(device, cfg.compute_dtype)
-    cpu16 = f" (attention over <= {CPU_FP32_KEYS} keys in fp32: faster on a CPU)" \
-        if dtype == torch.bfloat16 and device.type == "cpu" else ""
-    print0(f"{world} process(es) on {device}, computing in {str(dtype).removeprefix('torch.')}{cpu16}; "
-           f"starting at iteration {start} from {path}")
-    model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, device, dtype)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    prompts = [p for _, _, p, _ in train_set]
-    start_eval = None  # held-out state of the iteration's start model p_t: its answers, log-probs, row
-    if cfg.num_eval and start == 0:
-        row, start_eval = evaluate(model, tok, held, cfg, 0, None)
-        start_eval["row"] = row
-    elif cfg.num_eval:
-        start_eval = torch.load(f"{cfg.out}/iter{start - 1}/eval_state.pt", weights_only=True)
-    if stop_rule(eval_rows(), cfg):
+    print0(f"starting at iteration {start} from {path}")
+    model = load_model(path, cfg, world, device)
+    # p_t's held-out evaluation (its answers, their log-probs, its row): measured, or kept by iteration t-1
+    p_t_eval = None if not cfg.num_eval else evaluate(model, tok, held, cfg, 0, None) if start == 0 else \
+        out.kept(start - 1)
+    if stop_rule(out.eval_rows(), cfg):
         return print0(f"the stop rule ended this run after iteration {start - 1}: {cfg.out}")
 
     for t in range(start, cfg.iterations):
-        d = f"{cfg.out}/iter{t}"
-        os.makedirs(d, exist_ok=True)
-        # 1. The opponent plays: p_t answers every training prompt.
-        if not os.path.isfile(f"{d}/generated.jsonl"):
-            t0 = time.time()
-            gen = generate_answers(model, tok, prompts, cfg, seed=cfg.seed + 1_000_000 * (t + 1),
-                                   desc=f"iter {t} generate")
-            cut = [not g or g[-1] not in tok.eos_ids for g in gen]  # hit max_new_tokens, no stop id
-            if rank == 0:
-                write_jsonl(f"{d}/generated.jsonl", [
-                    {"real": prompt + [{"role": "assistant", "content": answer}],
-                     "generated": prompt + [{"role": "assistant", "content": tok.decode(g)}], "cut": c}
-                    for (prompt, answer, _, _), g, c in zip(train_set, gen, cut)])
-                log({"iter": t, "phase": "generate", "seconds": time.time() - t0,
-                     "gen_tokens_per_s": sum(map(len, gen)) / (time.time() - t0),
-                     "gen_len": sum(map(len, gen)) / len(gen), "gen_unfinished": sum(cut) / len(gen),
-                     "real_len": sum(len(r) for *_, r in train_set) / len(train_set)})
-            if sum(cut) > len(cut) / 4:
-                print0(f"warning: {sum(cut) / len(cut):.0%} of iteration {t}'s answers were cut at "
-                       f"--max_new_tokens={cfg.max_new_tokens} (raise it); --cut_samples={cfg.cut_samples}")
-            dist.barrier()
+        # 1. The opponent plays: p_t answers every training prompt (answers a killed run wrote are kept).
+        if not os.path.isfile(out.file(t, "generated.jsonl")):
+            opponent_plays(model, tok, train_set, cfg, t, out)
         # 2. Score: the real and generated answers of this iteration (and the last one's) under p_t,
         #    once, with no gradient. These are the frozen reference: no second model is held.
         groups = training_groups(tok, cfg, t)
         ref = score(model, groups, cfg, f"iter {t} score")                               # (N, 2)
-        # 3. The main player learns to tell real from generated, p_t frozen as the reference, with a
-        #    held-out evaluation after every epoch; the stop rule keeps the epoch with the best nll_real.
-        # Epoch 0 is p_t itself (the last iteration's kept model): its row opens the iteration.
-        kept = {"epoch": 0, "state": start_eval, "weights": snapshot(reshard(model)) if cfg.select_epoch
-                else None}
-        if cfg.num_eval:
-            log({"iter": t, "epoch": 0, **start_eval["row"], "acc": None, "margin": None, "chosen": False},
-                eval_file)
-
-        def after_epoch(epoch):
-            if cfg.num_eval and (cfg.eval_every_epoch or epoch == cfg.epochs):
-                row, state = evaluate(model, tok, held, cfg, t, start_eval)
-                log({"iter": t, "epoch": epoch, **row, "chosen": False}, eval_file)
-                if not cfg.select_epoch or row["nll_real"] < kept["state"]["row"]["nll_real"]:
-                    kept.update(epoch=epoch, state={**state, "row": row},
-                                weights=snapshot(reshard(model)) if cfg.select_epoch else None)
-        model.train()
-        train(model, groups, ref, cfg, t, log, after_epoch)
-        model.eval()
-        # 4. Keep the chosen epoch, then save: the save marks iteration t complete.
-        if cfg.select_epoch:
-            restore(reshard(model), kept["weights"])
-        if cfg.num_eval:
-            start_eval = kept["state"]
-            if rank == 0:
-                torch.save(start_eval, f"{d}/eval_state.pt.tmp")
-                os.replace(f"{d}/eval_state.pt.tmp", f"{d}/eval_state.pt")
-                write_jsonl(eval_file, [{**r, "chosen": r["chosen"] or (r["iter"], r["epoch"]) == (
-                    t, kept["epoch"])} for r in read_jsonl(eval_file)])
-        save(model, tok, f"{d}/model", cfg)
-        print0(f"iteration {t} done: {d}/model" + (f" (epoch {kept['epoch']} of {cfg.epochs} kept)"
-                                                   if cfg.select_epoch else ""))
-        if stop_rule(eval_rows(), cfg):
+        # 3. The main player learns to tell real from generated, p_t frozen as the reference; evaluated
+        #    after every epoch, the epoch with the best held-out nll_real becomes p_{t+1} (--select_epoch).
+        p_t_eval, epoch = train_and_choose(model, tok, held, groups, ref, cfg, t, out, p_t_eval)
+        # 4. Save: the save marks iteration t complete.
+        save(model, tok, out.file(t, "model"), cfg)
+        print0(f"iteration {t} done: {cfg.out}/iter{t}/model" +
+               (f" (epoch {epoch} of {cfg.epochs} kept)" if cfg.select_epoch else ""))
+        if stop_rule(out.eval_rows(), cfg):
             print0(f"stop rule: iteration {t} did not improve held-out nll_real by {cfg.stop_margin} "
                    f"({cfg.patience} iteration(s) in a row); ending the run")
             break
+    rows = out.eval_rows()
     if cfg.num_eval and rank == 0:
-        report(read_jsonl(eval_file), cfg.out)
+        report(rows, cfg.out)
+
+
+def load_model(path, cfg, world, device):
+    # The checkpoint, sharded with FSDP2: fp32 master weights, forwards in the run's compute dtype.
+    dtype = compute_dtype(device, cfg.compute_dtype)
+    cpu16 = f" (attention over <= {CPU_FP32_KEYS} keys in fp32: faster on a CPU)" \
+        if dtype == torch.bfloat16 and device.type == "cpu" else ""
+    print0(f"{world} process(es) on {device}, computing in {str(dtype).removeprefix('torch.')}{cpu16}")
+    model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, device, dtype)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    return model
+
+
+def opponent_plays(model, tok, train_set, cfg, t, out):
+    # p_t answers every training prompt: OUT/iter{t}/generated.jsonl, SPIN's own format, and a log row.
+    t0 = time.time()
+    gen = generate_answers(model, tok, [p for *_, p, _ in train_set], cfg,
+                           seed=cfg.seed + 1_000_000 * (t + 1), desc=f"iter {t} generate")
+    cut = [not g or g[-1] not in tok.eos_ids for g in gen]  # hit max_new_tokens, no stop id
+    if out.rank0:
+        write_jsonl(out.file(t, "generated.jsonl"), [
+            {"real": prompt + [{"role": "assistant", "content": answer}],
+             "generated": prompt + [{"role": "assistant", "content": tok.decode(g)}], "cut": c}
+            for (prompt, answer, _, _), g, c in zip(train_set, gen, cut)])
+    out.log({"iter": t, "phase": "generate", "seconds": time.time() - t0,
+             "gen_tokens_per_s": sum(map(len, gen)) / (time.time() - t0),
+             "gen_len": sum(map(len, gen)) / len(gen), "gen_unfinished": sum(cut) / len(gen),
+             "real_len": sum(len(r) for *_, r in train_set) / len(train_set)})
+    if sum(cut) > len(cut) / 4:
+        print0(f"warning: {sum(cut) / len(cut):.0%} of iteration {t}'s answers were cut at "
+               f"--max_new_tokens={cfg.max_new_tokens} (raise it); --cut_samples={cfg.cut_samples}")
+    dist.barrier()
+
+
+def train_and_choose(model, tok, held, groups, ref, cfg, t, out, p_t_eval):
+    # Trains iteration t from p_t (train), with a held-out evaluation after every epoch (--num_eval).
+    # Epoch 0 is p_t itself (p_t_eval). With select_epoch the epoch of lowest held-out nll_real is kept
+    # (its weights restored), otherwise the last. -> the kept model's evaluation (the next p_t's), its epoch
+    kept = {"epoch": 0, "state": p_t_eval, "weights": snapshot(reshard(model)) if cfg.select_epoch else None}
+    if cfg.num_eval:
+        out.log({"iter": t, "epoch": 0, **p_t_eval["row"], "acc": None, "margin": None, "chosen": False},
+                "eval.jsonl")
+
+    def after_epoch(epoch):
+        if cfg.num_eval and (cfg.eval_every_epoch or epoch == cfg.epochs):
+            state = evaluate(model, tok, held, cfg, t, p_t_eval)
+            out.log({"iter": t, "epoch": epoch, **state["row"], "chosen": False}, "eval.jsonl")
+            if not cfg.select_epoch or state["row"]["nll_real"] < kept["state"]["row"]["nll_real"]:
+                kept.update(epoch=epoch, state=state,
+                            weights=snapshot(reshard(model)) if cfg.select_epoch else None)
+    model.train()
+    train(model, groups, ref, cfg, t, out.log, after_epoch)
+    model.eval()
+    if cfg.select_epoch:
+        restore(reshard(model), kept["weights"])
+    if cfg.num_eval:
+        out.keep(t, kept["epoch"], kept["state"])
+    return kept["state"], kept["epoch"]
 
 
 def training_groups(tok, cfg, t):

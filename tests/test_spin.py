@@ -228,7 +228,7 @@ def test_default_run_settings():
 # ----- per-epoch evaluation, the stop rule, cut samples, bf16 -----
 
 def test_stop_rule_by_hand():
-    from report import stop_rule
+    from rundir import stop_rule
     from spin import Config
     cfg = Config(select_epoch=True, patience=2, stop_margin=0.01)
 
