@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from spin_kernels import fused_logprobs
@@ -167,54 +166,21 @@ def visibility(pos, doc, branch, window=None):
     return visible
 
 
-def block_mask(layout, window=None, block=128):
-    # The packed layout's FlexAttention BlockMask, built from its spans in a few vectorised ops: no
-    # per-shape compile (create_block_mask compiles a kernel for every row length) and no T x T work.
-    # A layout as data.pack and forward make it: each document one contiguous span, its prompt
-    # (branch 0, positions 0..P-1) first, then each answer contiguous (positions from P on), padding doc
-    # -1. So a query sees at most two runs of keys: its own segment up to itself (a prompt token: the
-    # prompt so far; an answer token: its answer so far), and for an answer token the whole prompt; a
-    # window cuts the start of both. Counting, per query and key block, the keys in those runs says per
-    # block pair: none, some (partial: visibility decides per pair) or all (full: computed unmasked).
-    pos, doc, branch = layout                                                    # (B, T) each
-    (B, T), dev = doc.shape, doc.device
-    idx = torch.arange(T, device=dev).expand(B, T)
-    first = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    new_doc = torch.cat((first, doc[:, 1:] != doc[:, :-1]), 1)
-    new_seg = new_doc | torch.cat((first, branch[:, 1:] != branch[:, :-1]), 1)
-    seg_start = torch.where(new_seg, idx, 0).cummax(1).values                   # (B, T)
-    doc_start = torch.where(new_doc, idx, 0).cummax(1).values
-    last = torch.cat((new_seg[:, 1:], first), 1)                                 # a segment's last token
-    seg_end = torch.where(last, idx + 1, T).flip(1).cummin(1).values.flip(1)     # (B, T) exclusive
-    # run 1: own segment up to q (padding: a segment of its own tokens, each seeing only itself)
-    lo1 = torch.where(doc < 0, idx, seg_start)
-    # run 2, answers only: the document's prompt, [doc_start, end of its first segment)
-    answer = (branch > 0) & (doc >= 0)
-    lo2 = torch.where(answer, doc_start, 0)
-    hi2 = torch.where(answer, seg_end.gather(1, doc_start), 0)
-    if window:  # keys with pos[q] - pos[k] < window; in a run, positions step by one with the index
-        lo1 = torch.maximum(lo1, idx - window + 1)
-        lo2 = torch.maximum(lo2, doc_start + pos - window + 1)
-    nb = -(-T // block)
-    k0 = torch.arange(nb, device=dev) * block                                   # (nb,) block starts
-    k1 = (k0 + block).clamp(max=T)
-
-    def overlap(lo, hi):  # (B, T) runs [lo, hi) -> (B, T, nb) keys of each run in each key block
-        return (torch.minimum(hi[..., None], k1) - torch.maximum(lo[..., None], k0)).clamp(min=0)
-    per_query = overlap(lo1, idx + 1) + overlap(lo2, torch.maximum(hi2, lo2))    # (B, T, nb)
-    per_query = F.pad(per_query, (0, 0, 0, nb * block - T))                       # whole query blocks
-    seen = per_query.view(B, nb, block, nb).sum(2)                               # (B, nq, nk) pairs seen
-    full = seen == block * block  # a block pair that runs past T is never full: its mask is applied
-    partial = (seen > 0) & ~full
-
-    def blocks(keep):  # (B, nq, nk) bool -> (B, 1, nq) counts, (B, 1, nq, nk) indices, kept ones first
-        order = keep.int().argsort(dim=-1, descending=True, stable=True)
-        return keep.sum(-1, dtype=torch.int32)[:, None], order.int()[:, None]
-    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block,
-                                    mask_mod=visibility(pos, doc, branch, window), seq_lengths=(T, T))
-
-
-_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+def plain_attention(tokens, layout, window, rule, cache, pos):
+    # How a forward's tokens attend, the reference way: -> attend(q, k, v), q (B, nh, T, hd), k, v
+    # (B, nkv, S, hd) -> (B, nh, T, hd): SDPA with a dense bool mask, the cache's when decoding, the rule's
+    # over every (query, key) pair for packed rows (rule: visibility of the layout), none (causal) for
+    # plain ones. spin_kernels.use_fast_attention(model) puts a faster plan with the same maths in its place.
+    if cache is not None:
+        mask = cache.mask(pos, window)                                          # (B, 1, T, S)
+    elif rule is not None:
+        (B, T), dev = tokens.shape, tokens.device
+        i = torch.arange(T, device=dev)
+        mask = rule(torch.arange(B, device=dev)[:, None, None, None], None, i[:, None], i[None, :])
+    else:
+        mask = None
+    return lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class RMSNorm(nn.Module):
@@ -320,34 +286,6 @@ class KVCache:
         return allowed[:, None]
 
 
-def decode_attention(q, k, v, mask):
-    # One query token a row: q (B, nh, 1, hd), k, v (B, nkv, S, hd), mask (B, 1, 1, S) -> (B, nh, 1, hd).
-    # Two batched matmuls, each group of query heads on its own key/value head: SDPA's CPU kernel spent
-    # 13 ms a layer on a one-token bf16 query at 48 rows where these take 0.9 (issue 23). As transformers'
-    # eager attention: scores in the compute dtype, softmax in fp32.
-    (B, nh, _, hd), nkv = q.shape, k.shape[1]
-    k, v = k.contiguous(), v.contiguous()  # no-ops on the sampler's cache; a bf16 bmm on a view is 6x slower
-    s = (q.view(B, nkv, nh // nkv, hd) * hd ** -0.5) @ k.transpose(-1, -2)                # (B, nkv, G, S)
-    p = s.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-    return (p @ v).view(B, nh, 1, hd)
-
-
-CPU_FP32_KEYS = 512  # on a CPU, bf16 attention over at most this many keys computes in fp32 (attend)
-
-
-def attend(q, k, v, mask, gqa):
-    # SDPA: q (B, nh, T, hd), k, v (B, nkv, S, hd), mask (T, S) / (B, 1, T, S) bool or None for plain
-    # causal -> (B, nh, T, hd). On a CPU its bf16 flash kernel is slower than its fp32 one on short tiles
-    # (forward and backward, SmolLM2's heads, 2 threads: 1.9x at 64 keys, 1.6x at 160, about even at 512,
-    # 0.8x from 768 on AMD Zen 4; 3.1x at 82 keys on an AMX Xeon, casts included), and a packed row's
-    # tiles are mostly short: up to CPU_FP32_KEYS keys, q, k, v go to fp32 and the output comes back (Zen 4,
-    # profiled: a bf16 train step's attention 1.7 -> 1.1 s of ~9 s). GPUs keep the compute dtype.
-    up = q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= CPU_FP32_KEYS
-    y = F.scaled_dot_product_attention(*((t.float() for t in (q, k, v)) if up else (q, k, v)),
-                                       attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-    return y.to(q.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -365,7 +303,7 @@ class Attention(nn.Module):
     def project(self, x):  # x (B, T, D) -> q (B, T, nh*hd), k, v (B, T, nkv*hd); generation fuses them
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, cos, sin, mask, cache, pos):
+    def forward(self, x, cos, sin, attend, cache, pos):
         B, T, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)                # (B, nh, T, hd)
@@ -376,28 +314,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, pos)                # (B, nkv, S, hd)
-        # mask None = plain causal (the fast flash path); a BlockMask = packed rows through FlexAttention;
-        # a list = tiles (row, start, end, P, mask) attended one by one (attention_mask); else (B, 1, T, S)
-        # bool.
-        if cache is not None and T == 1:
-            y = decode_attention(q, k, v, mask)
-        elif isinstance(mask, BlockMask):
-            y = _flex(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
-        elif isinstance(mask, list):  # tiles of the rows (attention_mask), cut out by split, whose backward
-            # is one cat (slicing each out cost a zero-filled row-sized gradient per tile and layer)
-            sizes = [e - s for _, s, e, _, _ in mask]
-            parts = (t.transpose(0, 1).flatten(1, 2).split(sizes, 1) for t in (q, k, v))  # (H, L, hd) each
-            ys, k0, v0 = [], None, None
-            for qt, kt, vt, (_, _, _, P, m) in zip(*parts, mask):
-                if P:  # a later answer: its document's prompt (the first tile's start), then itself
-                    kt, vt = torch.cat((k0[:, :P], kt), 1), torch.cat((v0[:, :P], vt), 1)
-                else:
-                    k0, v0 = kt, vt
-                ys.append(attend(qt[None], kt[None], vt[None], m, self.nkv != self.nh))
-            y = torch.cat(ys, 2)                                                         # (1, nh, B*T, hd)
-            y = y.unflatten(2, (B, T))[0].transpose(0, 1)                                # (B, nh, T, hd)
-        else:
-            y = attend(q, k, v, mask, self.nkv != self.nh)
+        y = attend(q, k, v)  # plain_attention's plan, or a faster one                     # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -424,8 +341,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+    def forward(self, x, cos, sin, attend, cache, pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend, cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -445,7 +362,7 @@ class Transformer(nn.Module):
         if not cfg.tie_word_embeddings:  # tied checkpoints store no lm_head.weight, so we make none
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block's activations in backward (saves memory)
-        self.flex = None  # packed rows through FlexAttention: None = on CUDA only (eager elsewhere is slow)
+        self.attention = plain_attention  # how a forward attends (spin_kernels.use_fast_attention: faster)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
     @property
@@ -479,13 +396,16 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                      # (B, 1, T, hd)
         x = self.model.embed_tokens(tokens)                                   # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        attn_mask = cache.mask(pos, self.config.sliding_window) if cache is not None else \
-            self.attention_mask(tokens, layout)
+        w = self.config.sliding_window
+        if layout is None and cache is None and w and T > w:  # rows longer than the window: one document
+            layout = (pos, torch.zeros_like(tokens), torch.zeros_like(tokens))
+        rule = None if layout is None or cache is not None else visibility(*layout, w)
+        attend = self.attention(tokens, layout, w, rule, cache, pos)
         for layer in self.model.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, attn_mask, cache, pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attend, cache, pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, cache, pos)
+                x = layer(x, cos, sin, attend, cache, pos)
         h = self.model.norm(x)
         if hidden:
             return h
@@ -493,45 +413,6 @@ class Transformer(nn.Module):
             index, ids = targets
             return fused_logprobs(h.flatten(0, 1)[index], self.lm_weight, ids)  # (n,)
         return F.linear(h, self.lm_weight)
-
-    def attention_mask(self, tokens, layout):
-        # None when plain causal attention is exact (the fast kernels). Else, on CUDA, a FlexAttention
-        # BlockMask: only the blocks that hold visible pairs are computed, no T x T mask in memory.
-        # Elsewhere tiles that cover the rows in order, each attended on its own, so no work goes to
-        # pairs that cannot see each other: [(row, start, end, P, mask)], queries [start, end) and keys
-        # the same, or with P > 0 the P tokens of its document's prompt, then the same. A document laid
-        # out as data.pack does, [prompt | answer 1 | answer 2 | ...], is tiled [prompt | answer 1],
-        # [answer 2], ...: every later answer sees the prompt and itself, never the answers between
-        # (attended as one tile, its mask would cost their pairs too); any other document is one tile.
-        # mask: (queries, keys) bool, or None for plain causal.
-        (B, T), w, dev = tokens.shape, self.config.sliding_window, tokens.device
-        if layout is None and (w is None or T <= w):
-            return None
-        if layout is None:
-            z = torch.zeros_like(tokens)
-            layout = (torch.arange(T, device=dev).expand(B, T), z, z)
-        if self.flex if self.flex is not None else tokens.is_cuda:
-            return block_mask(layout, w)
-        tiles, visible = [], visibility(*layout, w)
-        for b, (doc, branch) in enumerate(zip(layout[1].tolist(), layout[2].tolist())):
-            runs = [j for j in range(T) if j == 0 or (doc[j], branch[j]) != (doc[j - 1], branch[j - 1])]
-            runs = [(s, e, doc[s], branch[s]) for s, e in zip(runs, runs[1:] + [T])]  # equal (doc, branch)
-            while runs:
-                n = next((i for i, r in enumerate(runs) if r[2] != runs[0][2]), len(runs))  # one document
-                d, runs = runs[:n], runs[n:]
-                kinds = [r[3] for r in d]
-                if d[0][2] >= 0 and kinds[0] == 0 and len(set(kinds)) == n:  # a prompt, distinct answers
-                    P = d[0][1] - d[0][0]
-                    cut = [(d[0][0], d[min(1, n - 1)][1], 0)] + [(s, e, P) for s, e, _, _ in d[2:]]
-                else:
-                    cut = [(d[0][0], d[-1][1], 0)]
-                for s, e, P in cut:
-                    qi = torch.arange(s, e, device=dev)
-                    ki = torch.cat((torch.arange(d[0][0], d[0][0] + P, device=dev), qi))
-                    m = visible(b, None, qi[:, None], ki[None, :])                          # (L, P + L)
-                    tiles.append((b, s, e, P, None if not P and torch.equal(m, torch.ones_like(m).tril())
-                                  else m))
-        return tiles
 
     # ----- checkpoint I/O -----
 

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pairs, truncate
 from generate import from_generation_config, gathered, generate
-from model import CPU_FP32_KEYS, Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
+from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 from rundir import RunDir, read_jsonl, report, stop_rule, write_jsonl
+from spin_kernels import use_fast_attention
 
 
 @dataclass
@@ -547,12 +548,12 @@ def main(argv):
 
 
 def load_model(path, cfg, world, device):
-    # The checkpoint, sharded with FSDP2: fp32 master weights, forwards in the run's compute dtype.
+    # The checkpoint, sharded with FSDP2: fp32 master weights, forwards in the run's compute dtype; the
+    # machine's fast attention paths (spin_kernels) in place of the plain one.
     dtype = compute_dtype(device, cfg.compute_dtype)
-    cpu16 = f" (attention over <= {CPU_FP32_KEYS} keys in fp32: faster on a CPU)" \
-        if dtype == torch.bfloat16 and device.type == "cpu" else ""
-    print0(f"{world} process(es) on {device}, computing in {str(dtype).removeprefix('torch.')}{cpu16}")
-    model = shard(Transformer.from_pretrained(path, dtype=torch.float32), world, device, dtype)
+    print0(f"{world} process(es) on {device}, computing in {str(dtype).removeprefix('torch.')}")
+    model = use_fast_attention(Transformer.from_pretrained(path, dtype=torch.float32))
+    model = shard(model, world, device, dtype)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model
 

@@ -1,11 +1,15 @@
+# Hardware-specific speed, each path beside its plain twin.
 # Fused log-probabilities of target tokens: log_softmax(hidden @ weight.T)[i, targets[i]] without the
 # (N, V) logits. Two implementations with one signature: Triton (logprobs.py) and its PyTorch twin
 # (logprobs_torch.py). Which one runs is decided once, here, by what the machine has.
+# Attention (attention.py): use_fast_attention(model), applied from outside, in place of the model's plain
+# dense-mask attention.
 import os
 
 import torch
 
 from . import logprobs_torch
+from .attention import use_fast_attention  # noqa: F401
 
 try:
     from . import logprobs as logprobs_triton

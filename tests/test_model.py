@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from conftest import KINDS, build_checkpoint
-from model import CPU_FP32_KEYS, Config, KVCache, Transformer, attend
+from model import Config, KVCache, Transformer
+from spin_kernels import use_fast_attention
 
 
 def tokens(B=2, T=20, V=307, seed=1):
@@ -84,14 +85,18 @@ def test_hidden_and_target_logprobs(checkpoints):
     assert logp.shape == (2, 11) and (logp - full).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("attention", ["plain", "fast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["mistral", "qwen3"])
-def test_kv_cache_matches_uncached(checkpoints, kind, dtype):
-    # Prefill 7 tokens then decode the rest one at a time (decode_attention, not SDPA): the same logits as
-    # one uncached pass; in bf16 within a few bf16 ulps of the logit scale (scores rounded to bf16 there).
-    # The cache shrinks to the 7 tokens it holds, then grows a slot a step: resizing keeps what it holds.
+def test_kv_cache_matches_uncached(checkpoints, kind, dtype, attention):
+    # Prefill 7 tokens then decode the rest one at a time (plain: SDPA with the cache's mask; fast: the
+    # decode step's two matmuls): the same logits as one uncached pass; in bf16 within a few bf16 ulps of
+    # the logit scale (scores rounded to bf16 there). The cache shrinks to the 7 tokens it holds, then
+    # grows a slot a step: resizing keeps what it holds.
     path, _ = checkpoints[kind]
     ours = Transformer.from_pretrained(path, dtype=dtype)
+    if attention == "fast":
+        use_fast_attention(ours)
     x = tokens(T=16)
     cache = KVCache(ours.config, batch=2, max_len=24, dtype=dtype)
     with torch.no_grad():
@@ -106,28 +111,6 @@ def test_kv_cache_matches_uncached(checkpoints, kind, dtype):
             cache.pos += 1
     err = (torch.cat(steps, 1).float() - full.float()).abs().max()
     assert err < (1e-4 if dtype == torch.float32 else 0.02 * full.float().abs().max()), err
-
-
-def test_cpu_bf16_attention_is_fp32_on_short_tiles():
-    # attend (issue 23): on a CPU, bf16 attention over at most CPU_FP32_KEYS keys is SDPA on fp32 upcasts,
-    # rounded back to bf16, with bf16 gradients; over more keys, SDPA in bf16; fp32 inputs as they are.
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    g = torch.Generator().manual_seed(0)
-    n = CPU_FP32_KEYS
-    for S, T in ((n, n), (n, 100), (n + 1, n + 1)):  # keys, queries
-        q = torch.randn(1, 4, T, 8, generator=g).bfloat16().requires_grad_()
-        k, v = (torch.randn(1, 2, S, 8, generator=g).bfloat16() for _ in range(2))
-        mask = None if S == T else torch.ones(T, S, dtype=torch.bool).tril(S - T)  # a later answer's tile
-        kw = dict(attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        up, plain = sdpa(q.float(), k.float(), v.float(), **kw).bfloat16(), sdpa(q, k, v, **kw)
-        got = attend(q, k, v, mask, True)
-        assert got.dtype == torch.bfloat16 and not torch.equal(up, plain)  # the two ways differ here
-        assert torch.equal(got, up if S <= CPU_FP32_KEYS else plain), (S, T)
-        got.float().sum().backward()
-        assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
-    q32 = torch.randn(1, 4, 9, 8, generator=g)
-    assert torch.equal(attend(q32, q32[:, :2], q32[:, 2:], None, True),
-                       sdpa(q32, q32[:, :2], q32[:, 2:], is_causal=True, enable_gqa=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from data import pack
-from model import Transformer, block_mask, visibility
+from model import Transformer, visibility
 from spin import micro_batches
+from spin_kernels.attention import block_mask, fast_attention, tiles, use_fast_attention
 
 # Mistral's window is 8 positions: every group below is longer, so the window must count positions of the
 # pair (an answer continues from its prompt's end), not slots of the packed row.
@@ -43,11 +44,15 @@ def packed(model, groups, rows):
 ROWS = [[2, 0], [1], [4, 3]]  # three rows, two of them holding two groups, ragged: padding at the ends
 
 
+@pytest.mark.parametrize("attention", ["plain", "fast"])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "llama3_tied"])
-def test_packed_equals_alone_with_gradients(checkpoints, kind):
-    # fp32; sums of up to 20 token log-probs agree to ~1e-6 (summation order only): 1e-4 is loose.
+def test_packed_equals_alone_with_gradients(checkpoints, kind, attention):
+    # fp32; sums of up to 20 token log-probs agree to ~1e-6 (summation order only): 1e-4 is loose. The
+    # packed side attends with the model's plain dense-mask attention, or with spin_kernels' tiles.
     gs = groups()
     m1, m2 = (Transformer.from_pretrained(checkpoints[kind][0]) for _ in range(2))
+    if attention == "fast":
+        use_fast_attention(m2)
     ref, ours = alone(m1, gs), packed(m2, gs, ROWS)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))  # any loss of the sums
@@ -58,26 +63,29 @@ def test_packed_equals_alone_with_gradients(checkpoints, kind):
         assert err < 1e-4, f"{kind} {name}: relative gradient difference {err:.2e}"
 
 
-def test_cpu_tiles_skip_the_pairs_no_one_sees(checkpoints):
+def test_cpu_cutskip_the_pairs_no_one_sees():
     # Off CUDA each [prompt | answer 1 | answer 2] is tiled [prompt | answer 1] (plain causal) and [answer 2]
     # with the prompt's keys before its own: the tiles cover each row once, in order, and attend fewer
     # (query, key) pairs than whole documents would; padding is a tile of its own.
-    model, gs = Transformer.from_pretrained(checkpoints["qwen2"][0]), groups()
+    gs = groups()
     tokens, layout, _, _ = pack(gs, ROWS, pad_id=0)
-    tiles = model.attention_mask(tokens, layout)
+    cut = tiles(layout, visibility(*layout))
     for b in range(len(ROWS)):
-        mine = [t for t in tiles if t[0] == b]
+        mine = [t for t in cut if t[0] == b]
         assert [t[1] for t in mine] == [0] + [t[2] for t in mine[:-1]] and mine[-1][2] == tokens.shape[1]
-    answers = [t for t in tiles if t[3]]
+    answers = [t for t in cut if t[3]]
     assert [(t[2] - t[1], t[3]) for t in answers[:2]] == [(SIZES[g][1][1], SIZES[g][0]) for g in ROWS[0]]
-    assert all(t[4] is None for t in tiles if not t[3] and layout[1][t[0], t[1]] >= 0)  # plain causal
+    assert all(t[4] is None for t in cut if not t[3] and layout[1][t[0], t[1]] >= 0)  # plain causal
     docs = [(doc == d).sum().item() for doc in layout[1] for d in doc.unique() if d >= 0]
-    pairs = sum((e - s) * (e - s + P) for b, s, e, P, m in tiles if layout[1][b, s] >= 0)
+    pairs = sum((e - s) * (e - s + P) for b, s, e, P, m in cut if layout[1][b, s] >= 0)
     assert pairs < 0.8 * sum(L * L for L in docs), (pairs, sum(L * L for L in docs))
 
 
-def test_generated_answer_never_sees_the_real_one(checkpoints):
+@pytest.mark.parametrize("attention", ["plain", "fast"])
+def test_generated_answer_never_sees_the_real_one(checkpoints, attention):
     model, gs = Transformer.from_pretrained(checkpoints["mistral"][0]), groups()
+    if attention == "fast":
+        use_fast_attention(model)
     with torch.no_grad():
         before = packed(model, gs, ROWS)
         changed = [(p, [[(t + 1) % 307 for t in r], g]) for p, (r, g) in gs]  # other real answers
@@ -88,7 +96,7 @@ def test_generated_answer_never_sees_the_real_one(checkpoints):
 
 def test_row_composition_does_not_matter(checkpoints):
     # One group per row, all in one row, or mixed: the same numbers (no pair attends to another).
-    model, gs = Transformer.from_pretrained(checkpoints["qwen2"][0]), groups()
+    model, gs = use_fast_attention(Transformer.from_pretrained(checkpoints["qwen2"][0])), groups()
     with torch.no_grad():
         a = packed(model, gs, [[i] for i in range(len(gs))])
         b = packed(model, gs, [list(range(len(gs)))])
@@ -102,7 +110,7 @@ def test_flex_attention_path_equals_dense(checkpoints):
     model, gs = Transformer.from_pretrained(checkpoints["mistral"][0]), groups()
     with torch.no_grad():
         dense = packed(model, gs, ROWS)
-        model.flex = True
+        model.attention = lambda *args: fast_attention(*args, flex=True)
         flex = packed(model, gs, ROWS)
     assert (dense - flex).abs().max() < 1e-4
 
@@ -167,7 +175,8 @@ def test_block_mask_equals_the_dense_rule(window, block):
     # Every block pair is listed exactly as the dense rule says: full iff all of its (query, key) pairs
     # are visible (the kernel skips the mask there), partial iff some are, absent iff none.
     for layout in layouts():
-        partial, full = block_sets(block_mask(layout, window, block))
+        rule = visibility(*layout, window)
+        partial, full = block_sets(block_mask(layout, rule, window, block))
         seen = dense_blocks(layout, window, block)
         assert torch.equal(full, seen == block * block)
         assert torch.equal(partial, (seen > 0) & (seen < block * block))
@@ -177,7 +186,7 @@ def test_block_mask_catches_a_wrong_rule():
     # the comparison can fail: the mask of a layout whose generated answers could see the real ones
     layout = next(layouts())
     pos, doc, branch = layout
-    partial, full = block_sets(block_mask(layout, None, 8))
+    partial, full = block_sets(block_mask(layout, visibility(*layout), None, 8))
     seen = dense_blocks((pos, doc, torch.zeros_like(branch)), None, 8)  # one branch: answers see each other
     assert not torch.equal(partial | full, seen > 0)
 
@@ -193,8 +202,9 @@ def test_block_mask_of_a_long_row_is_quick():
         if n + len(p) + sum(map(len, answers)) <= 16384:
             row, n = row + [i], n + len(p) + sum(map(len, answers))
     layout = pack(gs, [row], 0, length=16384)[1]
-    block_mask(layout, 4096)  # warm-up: first calls load kernels
+    rule = visibility(*layout, 4096)
+    block_mask(layout, rule, 4096)  # warm-up: first calls load kernels
     t0 = time.perf_counter()
-    bm = block_mask(layout, 4096)
+    bm = block_mask(layout, rule, 4096)
     assert time.perf_counter() - t0 < 1.0
     assert bm.shape[-2:] == (16384, 16384)
