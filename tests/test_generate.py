@@ -11,6 +11,7 @@ import torch
 from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, from_generation_config, gathered, generate,
                       penalize, pool_size, prompt_keys, sample, span, uniforms)
 from model import Transformer
+from spin_kernels import use_fast_attention
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
 
@@ -212,7 +213,8 @@ def test_pool_size_from_memory_and_span(models):
     assert [span(n, 320, True) for n in (1, 65, 129, 300)] == [64, 128, 256, 320]
 
 
-def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints, monkeypatch):
+@pytest.mark.parametrize("attention", ["plain", "fast"])
+def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints, monkeypatch, attention):
     # The decode step through torch.compile as one graph (fullgraph), every sampling construct at once
     # (penalty, temperature, top-p, min-p: sort, scans, searchsorted, scatter): Inductor lowers it on CPU
     # here (CUDA graphs on a GPU), so a construct it cannot lower fails CI, not a GPU session. Samples
@@ -222,6 +224,8 @@ def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(gen, "COMPILE_ON", ("cuda", "cpu"))
     model = Transformer.from_pretrained(checkpoints["llama"][0], torch.float32, device)
+    if attention == "fast":  # as spin.py generates: the two-matmul decode step inside the graph
+        use_fast_attention(model)
     ps = prompts(LENGTHS * 2, seed=4)
     settings = dict(temperature=0.9, top_p=0.9, min_p=0.05, repetition_penalty=1.3, stop_ids=[5], seed=1,
                     return_logprobs=True)
