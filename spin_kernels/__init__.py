@@ -2,14 +2,20 @@
 # Fused log-probabilities of target tokens: log_softmax(hidden @ weight.T)[i, targets[i]] without the
 # (N, V) logits. Two implementations with one signature: Triton (logprobs.py) and its PyTorch twin
 # (logprobs_torch.py). Which one runs is decided once, here, by what the machine has.
-# Attention (attention.py): use_fast_attention(model), applied from outside, in place of the model's plain
-# dense-mask attention.
+# Applied to a model from outside, each in place of a plain path of model.py with the same maths:
+# use_fast_attention (attention.py: FlexAttention block masks, CPU tiles, the decode step) and use_fast_norm
+# (norm.py: RMSNorm with its own backward); speed_up(model) applies both.
 import os
 
 import torch
 
 from . import logprobs_torch
-from .attention import use_fast_attention  # noqa: F401
+from .attention import use_fast_attention
+from .norm import use_fast_norm
+
+
+def speed_up(model):
+    return use_fast_norm(use_fast_attention(model))
 
 try:
     from . import logprobs as logprobs_triton

@@ -11,7 +11,7 @@ import torch
 from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, from_generation_config, gathered, generate,
                       penalize, pool_size, prompt_keys, sample, span, uniforms)
 from model import Transformer
-from spin_kernels import use_fast_attention
+from spin_kernels import speed_up
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
 
@@ -225,7 +225,7 @@ def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints,
     monkeypatch.setattr(gen, "COMPILE_ON", ("cuda", "cpu"))
     model = Transformer.from_pretrained(checkpoints["llama"][0], torch.float32, device)
     if attention == "fast":  # as spin.py generates: the two-matmul decode step inside the graph
-        use_fast_attention(model)
+        speed_up(model)
     ps = prompts(LENGTHS * 2, seed=4)
     settings = dict(temperature=0.9, top_p=0.9, min_p=0.05, repetition_penalty=1.3, stop_ids=[5], seed=1,
                     return_logprobs=True)

@@ -9,7 +9,7 @@ import transformers
 
 from conftest import KINDS, build_checkpoint
 from model import Config, KVCache, Transformer
-from spin_kernels import use_fast_attention
+from spin_kernels import speed_up
 
 
 def tokens(B=2, T=20, V=307, seed=1):
@@ -96,7 +96,7 @@ def test_kv_cache_matches_uncached(checkpoints, kind, dtype, attention):
     path, _ = checkpoints[kind]
     ours = Transformer.from_pretrained(path, dtype=dtype)
     if attention == "fast":
-        use_fast_attention(ours)
+        speed_up(ours)
     x = tokens(T=16)
     cache = KVCache(ours.config, batch=2, max_len=24, dtype=dtype)
     with torch.no_grad():
@@ -113,28 +113,32 @@ def test_kv_cache_matches_uncached(checkpoints, kind, dtype, attention):
     assert err < (1e-4 if dtype == torch.float32 else 0.02 * full.float().abs().max()), err
 
 
+@pytest.mark.parametrize("norm", ["plain", "fast"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 17, 64), (2, 3, 5, 64)])  # a residual stream; Qwen3's per-head q/k
-def test_rmsnorm_matches_transformers_forward_and_backward(dtype, shape):
-    # RMSNorm's own backward (issue 23) against transformers' LlamaRMSNorm under autograd: fp32 to
-    # rounding; bf16 outputs equal but for rare one-ulp flips (its mean of squares sums in another order),
-    # gradients within bf16 rounding of the gradients' scale.
+def test_rmsnorm_matches_transformers_forward_and_backward(dtype, shape, norm):
+    # model.RMSNorm, plain (autograd over its ops) or with spin_kernels' own backward (use_fast_norm),
+    # against transformers' LlamaRMSNorm under autograd: fp32 to rounding; bf16 outputs equal but for rare
+    # one-ulp flips (the fast mean of squares sums in another order), gradients within bf16 rounding of the
+    # gradients' scale.
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from model import RMSNorm
+    from spin_kernels import use_fast_norm
+    ours = RMSNorm(64, 1e-6) if norm == "plain" else use_fast_norm(RMSNorm(64, 1e-6))
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     w = (torch.rand(64, generator=g) + 0.5).to(dtype)
     gy = torch.randn(shape, generator=g).to(dtype)
     outs = []
-    for norm in (RMSNorm(64, 1e-6), LlamaRMSNorm(64, eps=1e-6)):
-        norm.weight.data = w.clone()
+    for layer in (ours, LlamaRMSNorm(64, eps=1e-6)):
+        layer.weight.data = w.clone()
         xi = x.clone().requires_grad_()
-        y = norm(xi)
+        y = layer(xi)
         y.backward(gy)
-        outs.append((y.detach().float(), xi.grad.float(), norm.weight.grad.float()))
-        assert y.dtype == xi.grad.dtype == norm.weight.grad.dtype == dtype
-        with torch.no_grad():  # ours without gradients skips the autograd Function: the same numbers
-            assert torch.equal(norm(x), y.detach())
+        outs.append((y.detach().float(), xi.grad.float(), layer.weight.grad.float()))
+        assert y.dtype == xi.grad.dtype == layer.weight.grad.dtype == dtype
+        with torch.no_grad():  # the fast one without gradients skips its autograd Function: the same numbers
+            assert torch.equal(layer(x), y.detach())
     (y, dx, dw), (y_hf, dx_hf, dw_hf) = outs
     if dtype == torch.float32:
         assert (y - y_hf).abs().max() <= 1e-6 * y_hf.abs().max()

@@ -8,7 +8,8 @@ import torch
 from data import pack
 from model import Transformer, visibility
 from spin import micro_batches
-from spin_kernels.attention import block_mask, fast_attention, tiles, use_fast_attention
+from spin_kernels import speed_up
+from spin_kernels.attention import block_mask, fast_attention, tiles
 
 # Mistral's window is 8 positions: every group below is longer, so the window must count positions of the
 # pair (an answer continues from its prompt's end), not slots of the packed row.
@@ -52,7 +53,7 @@ def test_packed_equals_alone_with_gradients(checkpoints, kind, attention):
     gs = groups()
     m1, m2 = (Transformer.from_pretrained(checkpoints[kind][0]) for _ in range(2))
     if attention == "fast":
-        use_fast_attention(m2)
+        speed_up(m2)
     ref, ours = alone(m1, gs), packed(m2, gs, ROWS)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))  # any loss of the sums
@@ -85,7 +86,7 @@ def test_cpu_cutskip_the_pairs_no_one_sees():
 def test_generated_answer_never_sees_the_real_one(checkpoints, attention):
     model, gs = Transformer.from_pretrained(checkpoints["mistral"][0]), groups()
     if attention == "fast":
-        use_fast_attention(model)
+        speed_up(model)
     with torch.no_grad():
         before = packed(model, gs, ROWS)
         changed = [(p, [[(t + 1) % 307 for t in r], g]) for p, (r, g) in gs]  # other real answers
@@ -96,7 +97,7 @@ def test_generated_answer_never_sees_the_real_one(checkpoints, attention):
 
 def test_row_composition_does_not_matter(checkpoints):
     # One group per row, all in one row, or mixed: the same numbers (no pair attends to another).
-    model, gs = use_fast_attention(Transformer.from_pretrained(checkpoints["qwen2"][0])), groups()
+    model, gs = speed_up(Transformer.from_pretrained(checkpoints["qwen2"][0])), groups()
     with torch.no_grad():
         a = packed(model, gs, [[i] for i in range(len(gs))])
         b = packed(model, gs, [list(range(len(gs)))])
