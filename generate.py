@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import MLP, Attention, KVCache, Transformer, compute_dtype
+from model import KVCache, Transformer, compute_dtype
 
 # ----- randomness: one counter-based stream per prompt -----
 
@@ -141,64 +141,7 @@ def from_generation_config(config, source="generation_config.json"):
 
 
 def lm_head(model, h):
-    # h (B, D) -> fp32 logits (B, V). With packed weights (below), oneDNN's product with the head's packed
-    # copy; otherwise W @ h^T, which MKL ran 1.3-1.6x faster here than h @ W^T for a vocabulary-sized W and
-    # a few rows (the transposed copy costs less than the difference).
-    packed = getattr(model, "packed_head", None)
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(h, packed, None, "none", [], "").float()
-    return (model.lm_weight @ h.T).T.float().contiguous()
-
-
-PACK_ON = ("cpu",)  # where generation packs its weights (the tests turn it off to compare)
-
-
-@contextmanager
-def packed_weights(model, enabled=True):
-    # On a CPU every bf16 matrix product goes through oneDNN, which multiplies by a weight in its own
-    # blocked layout, and given a plain weight it makes that copy again on every call. While a model
-    # generates its weights do not change: copy each nn.Linear's weight and the LM head into that layout
-    # once (the ops Inductor's CPU freezing uses), run every linear layer through them, and restore the
-    # plain forwards after. Measured, SmolLM2-135M, 2 cores, a decode step's products at 48 rows: 1.3-2x
-    # faster on AMD Zen 4 and on an AMX Xeon; packing 0.1 s; a second copy of the weights for the phase.
-    # Products of the same input are one, their weights stacked: q|k|v (Attention.project) and gate|up
-    # (MLP.gate_up), so a layer runs 4, not 7 (Zen 4: a decode step 8-16% faster at 1 row, ~4% at 48).
-    # fp32 products go to MKL instead: packed through oneDNN they were 1.2x faster on Zen 4, 4% slower on
-    # the Xeon, so fp32 is left as it is. Not under compile: Inductor packs its own.
-    w = model.lm_weight
-    if not (enabled and w.device.type in PACK_ON and w.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        yield model
-        return
-
-    # the layout for a product of up to CPU_POOL rows, a decode step's (at 48 rows 1.25x faster than for 1)
-    pack = lambda W: torch.ops.mkldnn._reorder_linear_weight(W.detach(), CPU_POOL)  # noqa: E731
-
-    def product(*linears):  # linear layers of one input -> x -> their outputs (one: the output)
-        P, sizes = pack(torch.cat([m.weight for m in linears])), [m.out_features for m in linears]
-        b = None if linears[0].bias is None else torch.cat([m.bias for m in linears]).detach()
-
-        def run(x):
-            y = torch.ops.mkldnn._linear_pointwise(x, P, b, "none", [], "")
-            return y.split(sizes, -1) if len(sizes) > 1 else y
-        return run
-    swaps = []  # (module, attribute, its packed version), set on the instances for the phase
-    for m in model.modules():
-        if isinstance(m, Attention):
-            swaps += [(m, "project", product(m.q_proj, m.k_proj, m.v_proj)),
-                      (m.o_proj, "forward", product(m.o_proj))]
-        elif isinstance(m, MLP):
-            swaps += [(m, "gate_up", product(m.gate_proj, m.up_proj)),
-                      (m.down_proj, "forward", product(m.down_proj))]
-    try:
-        for m, name, fn in swaps:
-            setattr(m, name, fn)
-        model.packed_head = pack(w)
-        yield model
-    finally:
-        for m, name, _ in swaps:
-            m.__dict__.pop(name, None)
-        model.__dict__.pop("packed_head", None)
+    return model.logits(h).float()  # h (B, D) -> fp32 logits (B, V)
 
 
 # ----- the device side: prefill into some rows, one decode step for the whole pool -----
@@ -319,7 +262,6 @@ def groups(state):  # a module's FSDP parameter groups: one in torch <= 2.11, a 
 # ----- the scheduler -----
 
 _compiled = {}  # one compiled step per sampling setting: the settings are graph constants
-COMPILE_ON = ("cuda",)  # where compile=True compiles: on CPU it was 2.4x slower (the tests add "cpu")
 
 
 def fit(cache, slots, seen, compiled):
@@ -353,7 +295,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     from torch's generator). pool: cache rows decoded together (default: what pool_size's memory budget
     holds). refill: the share of the pool that must be free before waiting prompts are prefilled into it
     (1: static batching, new prompts only once the pool has drained). compile: the decode step through
-    torch.compile and CUDA graphs (CUDA only: on CPU it was 2.4x slower and took minutes to build).
+    torch.compile and CUDA graphs (it pays on CUDA; on a CPU it was 2.4x slower and took minutes to build).
     prefill_tokens: tokens per prefill forward at most. on_token(i, token) sees each new token of prompt
     i as it comes (streaming); progress: a label for a progress bar over prompts.
     No collective: an FSDP-sharded model must be inside `gathered(model)`, which every rank enters."""
@@ -369,10 +311,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     toks, lps = [[] for _ in prompts], [[] for _ in prompts]
     if prompts and max_new_tokens > 0:
         sampling = (temperature, top_k, top_p, min_p, repetition_penalty)
-        compiled = compile and model.lm_weight.device.type in COMPILE_ON
-        with packed_weights(model, enabled=not compiled):
-            run_pool(model, prompts, keys, max_new_tokens, sampling, set(stop_ids), pool, refill, compiled,
-                     prefill_tokens, on_token, progress, toks, lps)
+        run_pool(model, prompts, keys, max_new_tokens, sampling, set(stop_ids), pool, refill, compile,
+                 prefill_tokens, on_token, progress, toks, lps)
     return [(t, lp) for t, lp in zip(toks, lps)] if return_logprobs else toks
 
 
@@ -484,7 +424,7 @@ def main():
     args = ap.parse_args()
     from data import Tokenizer
     from model import resolve_model
-    from spin_kernels import speed_up
+    from spin_kernels import packed_weights, speed_up
     args.model = resolve_model(args.model)  # a hub id -> its snapshot folder in the hub's cache
     tok = Tokenizer.from_pretrained(args.model)
     dtype = compute_dtype(args.device, args.compute_dtype)
@@ -502,9 +442,10 @@ def main():
             shown = text
 
     t0 = time.perf_counter()
-    generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-             stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile, on_token=show)
+    with packed_weights(model, enabled=not args.compile):
+        generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                 stop_ids=tok.eos_ids, seed=args.seed, compile=args.compile, on_token=show)
     dt = time.perf_counter() - t0
     print(tok.decode(new)[len(shown):])  # whatever was held back, and the final newline
     print(f"[{len(new)} tokens in {dt:.2f} s: {len(new) / dt:.1f} tok/s]", file=sys.stderr)

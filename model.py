@@ -269,7 +269,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Qwen3: weights (hd,), one scale per head dimension shared by all heads
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def project(self, x):  # x (B, T, D) -> q (B, T, nh*hd), k, v (B, T, nkv*hd); generation fuses them
+    def project(self, x):  # x (B, T, D) -> q (B, T, nh*hd), k, v (B, T, nkv*hd); fused in generation
+        # by spin_kernels.packed_weights
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, attend, cache, pos):
@@ -294,7 +295,7 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj = nn.Linear(D, H, bias=b), nn.Linear(D, H, bias=b)
         self.down_proj = nn.Linear(H, D, bias=b)
 
-    def gate_up(self, x):  # x (B, T, D) -> two (B, T, H); generation fuses them
+    def gate_up(self, x):  # x (B, T, D) -> two (B, T, H); spin_kernels.packed_weights fuses them
         return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x):
@@ -337,6 +338,9 @@ class Transformer(nn.Module):
     @property
     def lm_weight(self):  # (V, D)
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def logits(self, h):  # (..., D) -> (..., V); spin_kernels.packed_weights runs it packed in generation
+        return F.linear(h, self.lm_weight)
 
     def forward(self, tokens, *, layout=None, mask=None, cache=None, targets=None, hidden=False):
         # tokens (B, T). How tokens see each other, one of:
@@ -381,7 +385,7 @@ class Transformer(nn.Module):
         if targets is not None:  # only positions with a target go through the LM head
             index, ids = targets
             return fused_logprobs(h.flatten(0, 1)[index], self.lm_weight, ids)  # (n,)
-        return F.linear(h, self.lm_weight)
+        return self.logits(h)
 
     # ----- checkpoint I/O -----
 

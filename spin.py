@@ -26,7 +26,7 @@ from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pa
 from generate import from_generation_config, gathered, generate
 from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 from rundir import RunDir, read_jsonl, report, stop_rule, write_jsonl
-from spin_kernels import speed_up
+from spin_kernels import packed_weights, speed_up
 
 
 @dataclass
@@ -86,7 +86,8 @@ class Config:
     gen_batch_size: int = 0         # rows of each process's generation pool (continuous batching: a row is
                                     # refilled as its answer ends); 0 = what half the free memory holds
                                     # (on CPU at most 64, on GPU at most 512)
-    compile: bool = False           # torch.compile the decode step into CUDA graphs (GPU; ignored on CPU)
+    compile: bool = False           # torch.compile the decode step into CUDA graphs (pays on a GPU; on a
+                                    # CPU it was 2.4x slower and took minutes to build)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compute_dtype: str = "auto"     # "auto" (bf16 on CUDA and on CPUs with bf16 units, else fp32),
                                     # "bfloat16" or "float32"; master weights, gradients, optimizer fp32
@@ -248,7 +249,7 @@ def generate_answers(model, tok, prompts, cfg, seed, desc):
                 if cfg.use_generation_config else
                 dict(temperature=cfg.temperature, top_p=cfg.top_p, min_p=cfg.min_p,
                      repetition_penalty=cfg.repetition_penalty))
-    with gathered(model):
+    with gathered(model), packed_weights(model, enabled=not cfg.compile):
         out = generate(model, [prompts[i] for i in mine], cfg.max_new_tokens, **sampling,
                        stop_ids=tok.eos_ids, seeds=[seed + i for i in mine],
                        pool=cfg.gen_batch_size or None, compile=cfg.compile,

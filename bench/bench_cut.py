@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import Tokenizer  # noqa: E402
 from generate import generate  # noqa: E402
 from model import Transformer, compute_dtype  # noqa: E402
-from spin_kernels import speed_up  # noqa: E402
+from spin_kernels import packed_weights, speed_up  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
 
 
@@ -48,9 +48,10 @@ def main():
           "  length quartiles")
     for temperature, penalty in samplers:
         t0 = time.perf_counter()
-        out = generate(model, prompts, args.cap, temperature=temperature, min_p=cfg.min_p,
-                       repetition_penalty=penalty, stop_ids=tok.eos_ids,
-                       seeds=[cfg.seed + 1_000_000 + i for i in range(len(prompts))])  # iteration 0's
+        with packed_weights(model):  # as spin.py generates
+            out = generate(model, prompts, args.cap, temperature=temperature, min_p=cfg.min_p,
+                           repetition_penalty=penalty, stop_ids=tok.eos_ids,
+                           seeds=[cfg.seed + 1_000_000 + i for i in range(len(prompts))])  # iteration 0's
         wall = time.perf_counter() - t0
         # an answer is cut at cap c when it has no stop id within its first c tokens
         ends = [len(o) if o and o[-1] in tok.eos_ids else None for o in out]

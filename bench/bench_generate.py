@@ -50,10 +50,9 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workload  # noqa: E402  (bench/, the script's own folder)
 from data import Tokenizer  # noqa: E402
-import generate as gen  # noqa: E402
-from generate import fit, generate, lm_head, make_step, packed_weights, pool_size, span  # noqa: E402
+from generate import fit, generate, lm_head, make_step, pool_size, span  # noqa: E402
 from model import KVCache, Transformer, compute_dtype  # noqa: E402
-from spin_kernels import speed_up  # noqa: E402
+from spin_kernels import packed_weights, speed_up  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
 
 
@@ -118,12 +117,9 @@ def cut(tokens, stop):  # up to and including the first stop id
     return tokens[:ends[0] + 1] if ends else tokens
 
 
-def unpacked(fn):  # ours with the weights as they are: generate.py's packed_weights turned off
-    on, gen.PACK_ON = gen.PACK_ON, ()
-    try:
+def packed(model, fn, compile=False):  # ours as spin.py generates: packed weights for the phase (on a CPU)
+    with packed_weights(model, enabled=not compile):
         return fn()
-    finally:
-        gen.PACK_ON = on
 
 
 def timed(fn, device):
@@ -248,16 +244,19 @@ def workload_child(args, dev, dtype):
         return twice(fn, dev)
     model = speed_up(Transformer.from_pretrained(args.ckpt, dtype, dev)).eval()
     if args.way in ("eager", "compile"):
-        return twice(lambda: generate(model, prompts, N, temperature=1.0, top_p=1.0, stop_ids=(),
-                                      seeds=seeds, compile=args.way == "compile"), dev)
+        compiled = args.way == "compile"
+        return twice(lambda: packed(model, lambda: generate(model, prompts, N, temperature=1.0, top_p=1.0,
+                                                            stop_ids=(), seeds=seeds, compile=compiled),
+                                    compiled), dev)
     pool = int(args.way.removeprefix("pool"))  # poolS: continuous, then static, with the stop ids
     generate(model, prompts[:8], 8, seeds=seeds[:8])  # first calls
     res, outs = {"stop_ids": tok.eos_ids}, {}
     for name, refill in (("continuous", 1 / 8), ("static", 1)):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        wall, outs[name] = timed(lambda: generate(model, prompts, N, temperature=1.0, top_p=1.0, seeds=seeds,
-                                                  stop_ids=tok.eos_ids, pool=pool, refill=refill), dev)
+        wall, outs[name] = timed(lambda: packed(model, lambda: generate(
+            model, prompts, N, temperature=1.0, top_p=1.0, seeds=seeds, stop_ids=tok.eos_ids, pool=pool,
+            refill=refill)), dev)
         res[name] = {"s": wall, "tokens": sum(map(len, outs[name])),
                      "at_cap": sum(len(o) == N for o in outs[name]), **peak()}
     return res, outs
@@ -424,15 +423,15 @@ def main():
     print(f"{dev} ({torch.get_num_threads()} threads), {str(dtype).removeprefix('torch.')}, "
           f"SmolLM2-135M-Instruct, cap {N} new tokens, stop ids {stop}")
     runs = {  # name: (label, run(prompts, (temperature, min_p)))
-        "continuous": ("ours continuous", lambda ps, s: generate(
+        "continuous": ("ours continuous", lambda ps, s: packed(model, lambda: generate(
+            model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
+            pool=args.pool or None, compile=args.compile), args.compile)),
+        "static": ("ours static", lambda ps, s: packed(model, lambda: generate(
+            model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
+            pool=args.pool or None, refill=1, compile=args.compile), args.compile)),
+        "unpacked": ("ours, weights unpacked", lambda ps, s: generate(
             model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
             pool=args.pool or None, compile=args.compile)),
-        "static": ("ours static", lambda ps, s: generate(
-            model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
-            pool=args.pool or None, refill=1, compile=args.compile)),
-        "unpacked": ("ours, weights unpacked", lambda ps, s: unpacked(lambda: generate(
-            model, ps, N, temperature=s[0], min_p=s[1], repetition_penalty=s[2], stop_ids=stop, seed=0,
-            pool=args.pool or None, compile=args.compile))),
         "generate": ("hf generate", lambda ps, s: hf_generate(hf, ps, N, s, stop, pad, args.hf_batch)),
         "generate_batch": ("hf generate_batch", lambda ps, s: hf_generate_batch(hf, ps, N, s, stop, pad))}
     for name in args.skip.split(",") if args.skip else []:

@@ -76,8 +76,10 @@ def default_pairs(n):
     _, train = spin.load_data(cfg, tok)
     model = speed_up(Transformer.from_pretrained(cfg.model)).eval()
     from generate import generate
-    gen = generate(model, [p for _, _, p, _ in train], cfg.max_new_tokens, temperature=cfg.temperature,
-                   top_p=cfg.top_p, min_p=cfg.min_p, stop_ids=tok.eos_ids, seeds=list(range(len(train))))
+    from spin_kernels import packed_weights
+    with packed_weights(model):
+        gen = generate(model, [p for _, _, p, _ in train], cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, min_p=cfg.min_p, stop_ids=tok.eos_ids, seeds=list(range(len(train))))
     out = [(prompt, answer, tok.decode(g)) for (prompt, answer, _, _), g in zip(train, gen)]
     with open(cache, "w") as f:
         json.dump(out, f)

@@ -56,7 +56,7 @@ sys.path.insert(0, ROOT)
 import spin  # noqa: E402
 from generate import generate  # noqa: E402
 from model import Config, Transformer  # noqa: E402
-from spin_kernels import speed_up  # noqa: E402
+from spin_kernels import packed_weights, speed_up  # noqa: E402
 
 
 @dataclass
@@ -134,8 +134,9 @@ def sample_pairs(teacher, s, n, seed):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, s.vocab, (int(torch.randint(2, 5, (), generator=g)),), generator=g).tolist()
                for _ in range(n)]
-    out = generate(teacher.eval(), prompts, s.max_new_tokens, temperature=1.0, stop_ids=(STOP,),
-                   seeds=[seed * 100_003 + i for i in range(n)], return_logprobs=True)
+    with packed_weights(teacher.eval()):  # as spin.py generates
+        out = generate(teacher, prompts, s.max_new_tokens, temperature=1.0, stop_ids=(STOP,),
+                       seeds=[seed * 100_003 + i for i in range(n)], return_logprobs=True)
     return [(x, y, sum(lp)) for x, (y, lp) in zip(prompts, out)]
 
 

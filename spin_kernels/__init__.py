@@ -4,7 +4,8 @@
 # (logprobs_torch.py). Which one runs is decided once, here, by what the machine has.
 # Applied to a model from outside, each in place of a plain path of model.py with the same maths:
 # use_fast_attention (attention.py: FlexAttention block masks, CPU tiles, the decode step) and use_fast_norm
-# (norm.py: RMSNorm with its own backward); speed_up(model) applies both.
+# (norm.py: RMSNorm with its own backward); speed_up(model) applies both. For a generation phase on a CPU,
+# `with packed_weights(model):` (packed.py: weights in oneDNN's layout, fused products).
 import os
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from . import logprobs_torch
 from .attention import use_fast_attention
 from .norm import use_fast_norm
+from .packed import packed_weights  # noqa: F401
 
 
 def speed_up(model):

@@ -11,7 +11,8 @@ import torch
 from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, from_generation_config, gathered, generate,
                       penalize, pool_size, prompt_keys, sample, span, uniforms)
 from model import Transformer
-from spin_kernels import speed_up
+from spin_kernels import packed_weights, speed_up
+from spin_kernels.packed import bf16_packing_available
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
 
@@ -214,15 +215,13 @@ def test_pool_size_from_memory_and_span(models):
 
 
 @pytest.mark.parametrize("attention", ["plain", "fast"])
-def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints, monkeypatch, attention):
+def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints, attention):
     # The decode step through torch.compile as one graph (fullgraph), every sampling construct at once
     # (penalty, temperature, top-p, min-p: sort, scans, searchsorted, scatter): Inductor lowers it on CPU
     # here (CUDA graphs on a GPU), so a construct it cannot lower fails CI, not a GPU session. Samples
     # equal eager's, and other refills (the prompts reversed) replay the same graph.
-    import generate as gen
     from torch._dynamo.utils import counters
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(gen, "COMPILE_ON", ("cuda", "cpu"))
     model = Transformer.from_pretrained(checkpoints["llama"][0], torch.float32, device)
     if attention == "fast":  # as spin.py generates: the two-matmul decode step inside the graph
         speed_up(model)
@@ -241,45 +240,51 @@ def test_compiled_step_equals_eager_and_refills_without_recompiling(checkpoints,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_weights_sample_what_plain_ones_do_and_are_undone(checkpoints, monkeypatch, dtype):
-    # On CPU, bf16 generation multiplies by weights packed once into oneDNN's layout (packed_weights), q|k|v
-    # and gate|up as one product each; fp32 and, with PACK_ON emptied, bf16 by the plain nn.Linear forwards.
-    # The same answers, log-probs up to rounding, on an untied model with biases (qwen2: q|k|v's stacked;
-    # lm_head is a Linear: packed once, as the head) and a tied one; after generate, and after an error
-    # inside it, every forward is the plain one again, no packed copy kept.
-    import generate as gen
+def test_packed_weights_sample_what_plain_ones_do_and_are_undone(checkpoints, dtype):
+    # Inside spin_kernels.packed_weights, a CPU generation multiplies by weights packed once into oneDNN's
+    # layout in bf16 (q|k|v and gate|up as one product each, the head too), and in fp32 runs the head as
+    # W @ h^T. The same answers as outside it, log-probs up to rounding, on an untied model with biases
+    # (qwen2: q|k|v's stacked; lm_head is a Linear: packed once, as the head) and a tied one; after the
+    # phase, and after an error inside it, every forward is the plain one again, no packed copy kept.
     for kind in ("qwen2", "llama3_tied"):
         model = Transformer.from_pretrained(checkpoints[kind][0], dtype).eval()
         ps, seen = prompts(LENGTHS * 2, seed=5), set()
         layer = model.model.layers[0]
         attn, mlp = layer.self_attn, layer.mlp
-        swapped = lambda: ("project" in attn.__dict__, "gate_up" in mlp.__dict__,  # noqa: E731
-                           "forward" in mlp.down_proj.__dict__, "forward" in attn.o_proj.__dict__)
+        swapped = lambda: ("logits" in model.__dict__, "project" in attn.__dict__,  # noqa: E731
+                           "gate_up" in mlp.__dict__, "forward" in mlp.down_proj.__dict__,
+                           "forward" in attn.o_proj.__dict__)
 
-        def runs():  # sampling and greedy, noting per token whether the weights were packed
-            watch = lambda i, t: seen.add((hasattr(model, "packed_head"), *swapped()))  # noqa
+        def runs():  # sampling and greedy, noting per token which forwards were replaced
+            watch = lambda i, t: seen.add(swapped())  # noqa: E731
             return sum((generate(model, ps, 20, temperature=T, top_p=0.9, stop_ids=[5], seed=2, pool=6,
                                  return_logprobs=True, on_token=watch) for T in (0.9, 0)), [])
-        packed = runs()
-        packs = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16 units
-        assert seen == {(packs,) * 5}  # every token from packed weights, or none
+        with packed_weights(model):
+            packed = runs()
+        bf16 = dtype == torch.bfloat16 and bf16_packing_available()
+        assert seen == {(True,) + (bf16,) * 4}  # every token from packed weights (the head at least)
         seen.clear()
-        monkeypatch.setattr(gen, "PACK_ON", ())
         plain = runs()
         assert seen == {(False,) * 5}
-        monkeypatch.setattr(gen, "PACK_ON", ("cpu",))
         assert [t for t, _ in packed] == [t for t, _ in plain]
         tol = 1e-4 if dtype == torch.float32 else 0.05
         assert all(torch.allclose(torch.tensor(a), torch.tensor(b), atol=tol) for (_, a), (_, b) in
                    zip(packed, plain))
+
         def fail(i, t):
             raise RuntimeError("stop here")
-        for broken in (False, True):
-            if broken:
-                with pytest.raises(RuntimeError, match="stop here"):
-                    generate(model, ps, 20, on_token=fail)
-            assert not hasattr(model, "packed_head")
-            assert not any({"forward", "project", "gate_up"} & m.__dict__.keys() for m in model.modules())
+        with pytest.raises(RuntimeError, match="stop here"), packed_weights(model):
+            generate(model, ps, 20, on_token=fail)
+        assert not any({"forward", "project", "gate_up", "logits"} & m.__dict__.keys()
+                       for m in model.modules())
+
+
+def test_packing_uses_onednn_ops_this_torch_has():
+    # packed_weights needs private oneDNN ops (torch.ops.mkldnn): a torch release that renames them fails
+    # here, by name, instead of silently generating with unpacked weights
+    for op in ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported"):
+        assert hasattr(torch.ops.mkldnn, op), f"torch {torch.__version__} has no torch.ops.mkldnn.{op}: " \
+            f"spin_kernels/packed.py needs updating"
 
 
 def test_logprobs_are_the_models_at_temperature_one(models):
