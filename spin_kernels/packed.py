@@ -14,10 +14,6 @@ from contextlib import contextmanager
 
 import torch
 
-# the layout for a product of up to this many rows (a CPU pool's most, see generate.CPU_POOL): a decode
-# step's rows, at which it ran 1.25x faster than the layout for 1
-ROWS = 64
-
 
 def bf16_packing_available():
     # oneDNN's private ops this needs (torch.ops.mkldnn): tests/test_generate.py fails with a clear message
@@ -30,10 +26,12 @@ def bf16_packing_available():
 
 @contextmanager
 def packed_weights(model, enabled=True):
-    from model import MLP, Attention  # imported here: model.py imports this package
+    from generate import CPU_POOL  # imported here: model.py imports this package
+    from model import MLP, Attention
     w, swaps = model.lm_weight, []  # swaps: (module, attribute, its replacement), set for the phase
     if enabled and w.device.type == "cpu" and w.dtype == torch.bfloat16 and bf16_packing_available():
-        pack = lambda W: torch.ops.mkldnn._reorder_linear_weight(W.detach(), ROWS)  # noqa: E731
+        # the layout for a product of up to a CPU pool's rows, a decode step's (faster there than for 1 row)
+        pack = lambda W: torch.ops.mkldnn._reorder_linear_weight(W.detach(), CPU_POOL)  # noqa: E731
 
         def product(*linears):  # linear layers of one input -> x -> their outputs (one: the output)
             P, sizes = pack(torch.cat([m.weight for m in linears])), [m.out_features for m in linears]
