@@ -19,7 +19,6 @@ can flip a draw that lands in the distribution's far tail (docs/running.md, "gen
 import argparse
 import hashlib
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import KVCache, Transformer, compute_dtype
+from spin_kernels import free_memory, mark_static, max_pool
 
 # ----- randomness: one counter-based stream per prompt -----
 
@@ -105,8 +105,8 @@ def sample(logits, u, temperature, top_k, top_p, min_p=0.0, penalty=1.0, seen=No
     # logits (B, V) fp32, u (B,) float64 uniforms, seen (B, V) bool when penalty != 1 -> tokens (B,) and
     # their log-probs (B,) under the distribution sampled from; greedy reports the (penalised) model's own
     # (the point mass would say 0 for every token). Inverse-CDF sampling needs one uniform per row where
-    # Gumbel-max needs one per vocabulary entry. The CDF is a fp32 running sum (never decreasing; a float64
-    # one cost 10x more here); the target u * total is rounded down to fp32, so it stays below the total,
+    # Gumbel-max needs one per vocabulary entry. The CDF is a fp32 running sum (never decreasing, and cheaper
+    # than a float64 one); the target u * total is rounded down to fp32, so it stays below the total,
     # and the first CDF entry above it is a token of nonzero probability.
     if penalty != 1:
         logits = penalize(logits, seen, penalty)
@@ -194,23 +194,16 @@ def decode_one_token(model, cache, tok, keys, n, seen, temperature, top_k, top_p
 
 # ----- the pool: its size from a memory budget, the span of keys a step reads -----
 
-CPU_POOL, CUDA_POOL = 64, 512  # most rows by default: on CPU more rows stop paying (the cache reads grow)
-MEMORY_SHARE = 0.5             # of the free memory, for the cache and the step's logits (vLLM: 0.9 of all)
+MEMORY_SHARE = 0.5  # of the free memory, for the cache and the step's logits (vLLM: 0.9 of all)
 
 
 def pool_size(cfg, max_len, dtype, device, free=None):
     # Rows the memory budget holds: each one's keys and values at every layer, and a few fp32 vocab-sized
-    # rows for sampling. free: bytes available (default: the device's free memory; on CPU, the RAM).
-    device = torch.device(device)
-    if free is None:
-        if device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0]
-        else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # rows for sampling; at most what pays on the device. free: bytes available (default: the device's).
+    free = free_memory(device) if free is None else free
     per_row = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
                + 4 * cfg.vocab_size * 4)
-    cap = CUDA_POOL if device.type == "cuda" else CPU_POOL
-    return max(1, min(cap, int(MEMORY_SHARE * free // per_row)))
+    return max(1, min(max_pool(device), int(MEMORY_SHARE * free // per_row)))
 
 
 def span(n, max_len, compiled):
@@ -218,45 +211,6 @@ def span(n, max_len, compiled):
     # compile, to a power of two (each distinct span is a graph of its own: a handful, not one per step).
     s = 1 << (n - 1).bit_length() if compiled else -(-n // 64) * 64
     return min(max(s, 64), max_len)
-
-
-@contextmanager
-def gathered(model):
-    # FSDP2 all-gathers each block inside its forward and frees it after: hundreds of all-gathers per
-    # answer, and every rank would have to run the same forwards. Instead gather everything once for the
-    # whole generation phase and reshard after. The unshard is collective (every rank enters together);
-    # inside, forwards do no communication at all, so each rank generates at its own pace.
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not mods or getattr(model, "_gathered", False):  # not sharded, or already inside
-        yield model
-        return
-    # set_reshard_after_forward has no getter: keep FSDP's own fields to restore them exactly.
-    states = [m._get_fsdp_state() for m in mods]
-    saved = [(getattr(s, "_auto_reshard_after_forward", None), [g.post_forward_mesh_info for g in groups(s)])
-             for s in states]
-    model._gathered = True
-    try:
-        for m in mods:
-            m.set_reshard_after_forward(False, recurse=False)
-            m.unshard()
-        yield model
-    finally:
-        model._gathered = False
-        for s, (auto, infos) in zip(states, saved):
-            if auto is not None:
-                s._auto_reshard_after_forward = auto
-            if auto is not False and s._is_root:  # FSDP's rule for the root at its lazy init (maybe in here)
-                infos = [None] * len(infos)
-            for g, info in zip(groups(s), infos):
-                g.post_forward_mesh_info = info
-        for m in mods:
-            m.reshard()
-
-
-def groups(state):  # a module's FSDP parameter groups: one in torch <= 2.11, a list in later versions
-    gs = getattr(state, "_fsdp_param_groups", None)
-    return list(gs) if gs is not None else [g for g in [state._fsdp_param_group] if g is not None]
 
 
 # ----- the scheduler -----
@@ -269,8 +223,8 @@ def fit(cache, slots, seen, compiled):
     # replays the step as a CUDA graph, which may update the cache in place only at addresses marked
     # static; the pool's shape never changes, so refills replay the same graphs until the next resize.
     cache.resize(slots)
-    for t in (cache.k + cache.v + [cache.pos] + ([seen] if seen is not None else [])) if compiled else ():
-        torch._dynamo.mark_static_address(t)
+    if compiled:
+        mark_static(cache.k + cache.v + [cache.pos] + ([seen] if seen is not None else []))
 
 
 def make_step(sampling, compile):
@@ -295,17 +249,16 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     from torch's generator). pool: cache rows decoded together (default: what pool_size's memory budget
     holds). refill: the share of the pool that must be free before waiting prompts are prefilled into it
     (1: static batching, new prompts only once the pool has drained). compile: the decode step through
-    torch.compile and CUDA graphs (it pays on CUDA; on a CPU it was 2.4x slower and took minutes to build).
+    torch.compile and CUDA graphs (for a GPU: on a CPU the eager step is faster).
     prefill_tokens: tokens per prefill forward at most. on_token(i, token) sees each new token of prompt
     i as it comes (streaming); progress: a label for a progress bar over prompts.
-    No collective: an FSDP-sharded model must be inside `gathered(model)`, which every rank enters."""
+    No collective: an FSDP-sharded model must be inside `spin.gathered(model)`, which every rank enters."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if repetition_penalty <= 0:
         raise ValueError(f"generate: repetition_penalty must be > 0 (got {repetition_penalty})")
-    from torch.distributed.fsdp import FSDPModule
-    if any(isinstance(m, FSDPModule) for m in model.modules()) and not getattr(model, "_gathered", False):
-        raise ValueError("generate: the model is FSDP-sharded: call it inside `with gathered(model):`")
+    if any(hasattr(p, "to_local") for p in model.parameters()):  # a sharded DTensor
+        raise ValueError("generate: the model is FSDP-sharded: call it inside `with spin.gathered(model):`")
     seed = int(torch.randint(2 ** 62, ()).item()) if seed is None else seed
     keys = prompt_keys(prompts, seed, seeds)                                              # (P, 2)
     toks, lps = [[] for _ in prompts], [[] for _ in prompts]
@@ -332,7 +285,7 @@ def run_pool(model, prompts, keys, max_new_tokens, sampling, stop, pool, refill,
     keys, waiting = keys.tolist(), deque(range(len(prompts)))
     bar = tqdm(total=len(prompts), desc=progress, disable=not progress)
     # A prefill forward reads every weight whatever its size: refilling rows one by one as they free up
-    # costs more than letting a few wait (measured here: 20% slower at a pool of 32 on CPU).
+    # costs more than letting a few wait.
     threshold = max(1, round(refill * S))
 
     def emit(r, t, lp):  # row r produced token t: record it, free the row if its answer is complete

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from spin_kernels import fused_logprobs
+from spin_kernels import fused_logprobs, has_bf16_units
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
@@ -111,21 +111,14 @@ class Config:
 
 
 def compute_dtype(device, choice="auto"):
-    # The precision policy, the one place it is decided: forwards compute in bf16 where the device has
-    # bf16 units (CUDA from Ampere on; a CPU with AVX512-BF16 or AMX, where a bf16 GEMM is several times
-    # an fp32 one), else in fp32 (elsewhere bf16 is emulated: ~100x slower on an AVX2 CPU). Master
-    # weights, gradient reduction, the optimizer and saved checkpoints stay fp32 whatever this says.
-    if choice != "auto":
-        if choice not in ("bfloat16", "float32"):
-            raise ValueError(f"compute_dtype must be auto, bfloat16 or float32 (got {choice!r})")
-        return getattr(torch, choice)
-    device = torch.device(device)
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-    else:
-        bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or
-                                         torch.cpu._is_amx_tile_supported())
-    return torch.bfloat16 if bf16 else torch.float32
+    # The precision policy, the one place it is decided: forwards compute in bf16 where the device has bf16
+    # units (spin_kernels.has_bf16_units), else in fp32. Master weights, gradient reduction, the optimizer
+    # and saved checkpoints stay fp32 whatever this says.
+    if choice not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"compute_dtype must be auto, bfloat16 or float32 (got {choice!r})")
+    if choice == "auto":
+        return torch.bfloat16 if has_bf16_units(device) else torch.float32
+    return getattr(torch, choice)
 
 
 def rope_frequencies(cfg):

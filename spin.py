@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,10 +24,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pairs, truncate
-from generate import from_generation_config, gathered, generate
+from generate import from_generation_config, generate
 from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 from rundir import RunDir, read_jsonl, report, stop_rule, write_jsonl
-from spin_kernels import packed_weights, speed_up
+from spin_kernels import packed_weights, padded_length, row_tokens, speed_up
 
 
 @dataclass
@@ -44,8 +45,8 @@ class Config:
                                     # reference's scripts: 6, an epoch chosen among them: --select_epoch)
     batch_size: int = 8             # pairs per optimizer step, over all processes (the paper: 64)
     micro_batch_tokens: int = 0     # tokens per forward per process (pairs packed, prompt shared); a
-                                    # step runs as many micro-batches as its pairs need; 0 = 4096 on
-                                    # CPU, 16384 on CUDA
+                                    # step runs as many micro-batches as its pairs need; 0 = the
+                                    # device's (spin_kernels.row_tokens)
     lr: tuple = (5e-7, 5e-7, 1e-7)  # learning rate per iteration (the last repeats): the paper's 5e-7, 1e-7
     beta: tuple = (0.1,)            # SPIN's beta per iteration (the last repeats)
     loss: str = "sigmoid"           # "sigmoid" (-log sigmoid(margin)) or "hinge" (max(0, 1 - margin))
@@ -86,9 +87,9 @@ class Config:
     gen_batch_size: int = 0         # rows of each process's generation pool (continuous batching: a row is
                                     # refilled as its answer ends); 0 = what half the free memory holds
                                     # (on CPU at most 64, on GPU at most 512)
-    compile: bool = False           # torch.compile the decode step into CUDA graphs (pays on a GPU; on a
-                                    # CPU it was 2.4x slower and took minutes to build)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    compile: bool = False           # torch.compile the decode step into CUDA graphs (for a GPU: on a CPU
+                                    # the eager step is faster)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     compute_dtype: str = "auto"     # "auto" (bf16 on CUDA and on CPUs with bf16 units, else fp32),
                                     # "bfloat16" or "float32"; master weights, gradients, optimizer fp32
     save_dtype: str = "float32"     # dtype of saved checkpoints (updates of lr 5e-7 vanish in bf16)
@@ -168,15 +169,17 @@ def per_iter(values, t):
 # ----- distributed: FSDP2 applied from outside the model, the same code for 1 process or many -----
 
 def setup_distributed():
+    # The one place a run picks its device: this process's GPU (torchrun's LOCAL_RANK) where there are
+    # GPUs, else the CPU; the process group uses that device's backend (NCCL, gloo).
     cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = dist.get_default_backend_for_device(device)
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:  # `python spin.py`: a group of one, so one code path (FSDP2) serves every process count
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -190,40 +193,30 @@ def shard(model, world, device, dtype):
     for block in model.model.layers:  # one process: nothing to free, so no second cast for backward
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=world > 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    if world == 1 and device.type == "cpu" and hasattr(model, "set_custom_reduce_scatter"):  # newer torch
-        comm = OneProcessReduce(reuse=dtype != torch.float32)  # one for all: a CPU reduces one at a time
-        for m in (*model.model.layers, model):
-            m.set_custom_reduce_scatter(comm)
     return model
 
 
-class OneProcessReduce:
-    # FSDP2's gradient reduce-scatter (its Comm interface: allocate, then call) in a group of one, on a
-    # CPU. FSDP packs a block's gradients into a fresh buffer, then copies it into a second fresh buffer
-    # as the "scattered" output; on a CPU the first touch of fresh memory costs a page fault per 4 KB, and
-    # these were ~2 s of a ~10 s bf16 train step (issue 23). Here the output is the packed buffer itself
-    # (FSDP's copy becomes a self-copy, a no-op), and with `reuse` one buffer per size serves every block
-    # and step: only when the gradients are then cast to the fp32 master dtype (bf16 compute), so nothing
-    # keeps a view of it. A reduce-scatter over one process is a copy (torch 2.13 never calls it there).
-    def __init__(self, reuse):
-        self.reuse, self.buffers, self.packed = reuse, {}, None
-
-    def allocate(self, size, *, dtype, device):
-        if self.packed is not None:  # the second request of a reduce: its output
-            out, self.packed = self.packed, None
-            return out
-        key = (tuple(size), dtype)
-        buf = self.buffers.get(key) if self.reuse else None
-        if buf is None:
-            buf = torch.empty(size, dtype=dtype, device=device)
-            if self.reuse:
-                self.buffers[key] = buf
-        self.packed = buf
-        return buf
-
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        if output_tensor is not input_tensor:
-            output_tensor.copy_(input_tensor)
+@contextmanager
+def gathered(model):
+    # FSDP2 all-gathers each block inside its forward and frees it after: hundreds of all-gathers per
+    # answer, and every rank would have to run the same forwards. Instead the generation phase gathers
+    # every block once (the root stays gathered after a forward anyway: FSDP's rule for the root) and
+    # reshards them after, back to shard's choice. The gather is collective (every rank enters together);
+    # inside, forwards do no communication at all, so each rank generates at its own pace.
+    if not isinstance(model, FSDPModule):  # not sharded: nothing to gather
+        yield model
+        return
+    blocks = [m for m in model.model.layers if isinstance(m, FSDPModule)]
+    for m in blocks:
+        m.set_reshard_after_forward(False)
+    for m in [model] + blocks:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in blocks:
+            m.set_reshard_after_forward(dist.get_world_size() > 1)
+        reshard(model)
 
 
 def all_gather(obj):
@@ -290,7 +283,7 @@ def schedule(lengths, items, budget):
 
 
 def token_budget(cfg, device):
-    return cfg.micro_batch_tokens or (16384 if device.type == "cuda" else 4096)
+    return cfg.micro_batch_tokens or row_tokens(device)
 
 
 def device_of(model):
@@ -299,15 +292,12 @@ def device_of(model):
 
 def group_logprobs(model, groups, row, cfg):
     # One packed row of group indices -> its (G, A) fp32 log p(answer | prompt) (sums over each answer's
-    # tokens: SPIN compares whole sequences) and its number of answer tokens. On CUDA the row is padded to
-    # a multiple of a quarter of the budget: FlexAttention's kernels are compiled per row length, so at
-    # most four lengths (x2: with and without gradients), and the padding costs under a quarter of a row.
+    # tokens: SPIN compares whole sequences) and its number of answer tokens.
     device = device_of(model)
-    quantum = max(128, token_budget(cfg, device) // 4 // 128 * 128)
-    length = -(-sum(lengths_of([groups[g] for g in row])) // quantum) * quantum
+    length = padded_length(sum(lengths_of([groups[g] for g in row])), token_budget(cfg, device), device)
     # pad id 0: padding is never attended to (each padding token sees only itself) nor trained on
     tokens, layout, targets, owner = pack([groups[g] for g in row], [list(range(len(row)))], 0, device,
-                                          length=length if device.type == "cuda" else None)
+                                          length)
     A = len(groups[row[0]][1])
     logp = model(tokens, layout=layout, targets=targets)                                   # (n,)
     return torch.zeros(len(row) * A, device=device).index_add(0, owner, logp).view(-1, A), len(owner)
@@ -370,7 +360,7 @@ def train(model, groups, ref, cfg, t, log, after_epoch):
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warm = math.ceil(cfg.warmup_ratio * total)
-    # fused: one kernel per parameter for the whole update (3.5x the per-op loop on CPU, 135M params)
+    # fused: one kernel per parameter for the whole update, not one per operation
     opt = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
            if cfg.optimizer == "adamw" else torch.optim.RMSprop(model.parameters(), lr=lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warm))
@@ -549,12 +539,11 @@ def main(argv):
 
 
 def load_model(path, cfg, world, device):
-    # The checkpoint, sharded with FSDP2: fp32 master weights, forwards in the run's compute dtype; the
-    # machine's fast paths (spin_kernels) in place of the plain attention and norms.
+    # The checkpoint, sharded with FSDP2: fp32 master weights, forwards in the run's compute dtype; then
+    # the machine's fast paths (spin_kernels.speed_up) in place of the plain ones.
     dtype = compute_dtype(device, cfg.compute_dtype)
     print0(f"{world} process(es) on {device}, computing in {str(dtype).removeprefix('torch.')}")
-    model = speed_up(Transformer.from_pretrained(path, dtype=torch.float32))
-    model = shard(model, world, device, dtype)
+    model = speed_up(shard(Transformer.from_pretrained(path, dtype=torch.float32), world, device, dtype))
     model.grad_checkpointing = cfg.grad_checkpointing
     return model
 

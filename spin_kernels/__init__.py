@@ -2,22 +2,26 @@
 # Fused log-probabilities of target tokens: log_softmax(hidden @ weight.T)[i, targets[i]] without the
 # (N, V) logits. Two implementations with one signature: Triton (logprobs.py) and its PyTorch twin
 # (logprobs_torch.py). Which one runs is decided once, here, by what the machine has.
-# Applied to a model from outside, each in place of a plain path of model.py with the same maths:
-# use_fast_attention (attention.py: FlexAttention block masks, CPU tiles, the decode step) and use_fast_norm
-# (norm.py: RMSNorm with its own backward); speed_up(model) applies both. For a generation phase on a CPU,
-# `with packed_weights(model):` (packed.py: weights in oneDNN's layout, fused products).
+# Applied to a model from outside, each in place of a plain path with the same maths: use_fast_attention
+# (attention.py: FlexAttention block masks, CPU tiles, the decode step), use_fast_norm (norm.py: RMSNorm
+# with its own backward) and, once FSDP2 has sharded it over one CPU process, use_one_process_reduce
+# (reduce.py); speed_up(model) applies them all. For a generation phase on a CPU, `with
+# packed_weights(model):` (packed.py: weights in oneDNN's layout, fused products). What the machine is
+# (bf16 units, free memory, default sizes): machine.py.
 import os
 
 import torch
 
 from . import logprobs_torch
 from .attention import use_fast_attention
+from .machine import free_memory, has_bf16_units, mark_static, max_pool, padded_length, row_tokens  # noqa: F401
 from .norm import use_fast_norm
 from .packed import packed_weights  # noqa: F401
+from .reduce import use_one_process_reduce
 
 
 def speed_up(model):
-    return use_fast_norm(use_fast_attention(model))
+    return use_one_process_reduce(use_fast_norm(use_fast_attention(model)))
 
 try:
     from . import logprobs as logprobs_triton
@@ -60,8 +64,3 @@ def fused_logprobs(hidden, weight, targets, *, ignore_index=-100, impl=None, **k
     return _FusedLogprobs.apply(hidden.to(dtype).contiguous(), weight.to(dtype).contiguous(),
                                 targets.contiguous(), ignore_index, mod, kw)
 
-
-def sequence_logprobs(token_logp, mask):
-    # (B, T) per-token log-probs, (B, T) response mask (prompt and padding 0) -> (B,) fp32 sums:
-    # log p(y | x), the quantity SPIN's loss compares between the real and the generated answer
-    return (token_logp.float() * mask.float()).sum(-1)

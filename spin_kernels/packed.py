@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .machine import CPU_POOL
+
 
 def bf16_packing_available():
     # oneDNN's private ops this needs (torch.ops.mkldnn): tests/test_generate.py fails with a clear message
@@ -26,8 +28,7 @@ def bf16_packing_available():
 
 @contextmanager
 def packed_weights(model, enabled=True):
-    from generate import CPU_POOL  # imported here: model.py imports this package
-    from model import MLP, Attention
+    from model import MLP, Attention  # imported here: model.py imports this package
     w, swaps = model.lm_weight, []  # swaps: (module, attribute, its replacement), set for the phase
     if enabled and w.device.type == "cpu" and w.dtype == torch.bfloat16 and bf16_packing_available():
         # the layout for a product of up to a CPU pool's rows, a decode step's (faster there than for 1 row)

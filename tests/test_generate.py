@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from generate import (CPU_POOL, MEMORY_SHARE, filter_logits, from_generation_config, gathered, generate,
+from generate import (MEMORY_SHARE, filter_logits, from_generation_config, generate,
                       penalize, pool_size, prompt_keys, sample, span, uniforms)
 from model import Transformer
-from spin_kernels import packed_weights, speed_up
+from spin_kernels import max_pool, packed_weights, speed_up
 from spin_kernels.packed import bf16_packing_available
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens
@@ -207,8 +207,8 @@ def test_pool_size_from_memory_and_span(models):
     per_row = 2 * 2 * 2 * 16 * 128 * 4 + 4 * 307 * 4  # keys and values of 128 slots in fp32, sampling rows
     assert pool_size(cfg, 128, torch.float32, "cpu", free=10 * per_row / MEMORY_SHARE) == 10
     assert pool_size(cfg, 128, torch.float32, "cpu", free=0) == 1
-    assert pool_size(cfg, 128, torch.float32, "cpu", free=1 << 50) == CPU_POOL
-    assert 1 <= pool_size(cfg, 128, torch.float32, "cpu") <= CPU_POOL  # from this machine's free memory
+    assert pool_size(cfg, 128, torch.float32, "cpu", free=1 << 50) == max_pool("cpu")
+    assert 1 <= pool_size(cfg, 128, torch.float32, "cpu") <= max_pool("cpu")  # this machine's free memory
     # The keys a step reads: the longest row, rounded up to 64 (compiled: a power of two), at most all.
     assert [span(n, 320, False) for n in (1, 64, 65, 300)] == [64, 64, 128, 320]
     assert [span(n, 320, True) for n in (1, 65, 129, 300)] == [64, 128, 256, 320]
@@ -427,6 +427,7 @@ def _fsdp_worker(rank, path, out_dir):
     ps = prompts()[:5] if rank == 0 else prompts()[5:6]  # 5 prompts through 2 rows on rank 0, 1 on rank 1
     with pytest.raises(ValueError, match="gathered"):
         generate(model, ps, 12)  # sharded forwards would be collective: refused
+    from spin import gathered
     with gathered(model):  # collective once; inside, the ranks' different amounts of work never meet
         greedy = generate(model, ps, 12, temperature=0, pool=2, stop_ids=[5])
         sampled = generate(model, ps, 12, seed=1, pool=2)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import spin_kernels
-from spin_kernels import fused_logprobs, logprobs_torch, sequence_logprobs
+from spin_kernels import fused_logprobs, has_bf16_units, logprobs_torch
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -268,12 +268,18 @@ def test_interpreter_child():
     assert " passed" in out.stdout and " skipped" not in out.stdout, out.stdout[-2000:]
 
 
-def test_sequence_logprobs():
-    token_logp = torch.tensor([[-1.0, -2.0, -0.5, -4.0], [-0.25, -3.0, -1.0, -2.0]])
-    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)  # prompt tokens are 0
-    out = sequence_logprobs(token_logp, mask)
-    assert out.dtype == torch.float32 and out.tolist() == [-2.5, -3.0]
-    assert sequence_logprobs(token_logp.bfloat16(), mask.long()).tolist() == [-2.5, -3.0]
+def test_machine_private_apis():
+    # spin_kernels/machine.py asks for a CPU's bf16 units and marks a compiled step's static addresses
+    # through torch's private APIs (no public ones): a release that renames one fails here, by name
+    for module, name, user in [(torch.cpu, "_is_avx512_bf16_supported", "has_bf16_units"),
+                               (torch.cpu, "_is_amx_tile_supported", "has_bf16_units"),
+                               (torch._dynamo, "mark_static_address", "mark_static")]:
+        assert callable(getattr(module, name, None)), \
+            f"torch {torch.__version__} has no {module.__name__}.{name}: update spin_kernels.machine.{user}"
+    flags = open("/proc/cpuinfo").read().split() if os.path.isfile("/proc/cpuinfo") else None
+    if flags is not None:  # on Linux, what /proc/cpuinfo says the CPU has
+        assert has_bf16_units("cpu") == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert has_bf16_units("meta") is False
 
 
 def test_dispatch(monkeypatch):

@@ -384,3 +384,36 @@ def test_generation_config_decoding_is_the_checkpoints(setup, process_group):
     cfg.use_generation_config = True
     got = [spin.generate_answers(model, tok, prompts, cfg, seed=s, desc=None) for s in (1, 2)]
     assert got[0] == got[1] == greedy != sampled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_process_reduce_is_fsdps_own(checkpoints, process_group, monkeypatch, dtype):
+    # spin_kernels.use_one_process_reduce (FSDP's reduce-scatter in a group of one, without fresh buffers;
+    # in bf16 one buffer per size for every block and step) gives FSDP's own gradients, bit for bit: two
+    # steps of two accumulated micro-batches each, so a gradient left as a view of a reused buffer would show.
+    import spin
+    from model import Transformer
+    from spin_kernels import reduce
+    calls = []
+    allocate = reduce.OneProcessReduce.allocate
+    monkeypatch.setattr(reduce.OneProcessReduce, "allocate", lambda self, *a, **k: calls.append(1) or
+                        allocate(self, *a, **k))
+
+    def gradients(fast):
+        model = spin.shard(Transformer.from_pretrained(checkpoints["llama"][0]), 1, torch.device("cpu"), dtype)
+        if fast:
+            reduce.use_one_process_reduce(model)
+        out = []
+        for step in range(2):
+            for micro in range(2):
+                tokens = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(10 * step + micro))
+                model(tokens).float().logsumexp(-1).sum().backward()
+            out.append([p.grad.to_local().clone() for p in model.parameters()])
+            model.zero_grad(set_to_none=True)
+        return out
+    plain = gradients(False)
+    assert not calls
+    fast = gradients(True)
+    assert calls  # FSDP called it
+    for a, b in zip(plain, fast):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
