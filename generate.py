@@ -22,7 +22,6 @@ import math
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F

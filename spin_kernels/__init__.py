@@ -36,16 +36,15 @@ TRITON_INTERPRET = logprobs_triton is not None and os.environ.get("TRITON_INTERP
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, impl, kw):
-        logp, lse, part = impl.forward(hidden, weight, targets, ignore_index, **kw)
-        # lse (N,) and part (N, chunks), each vocab chunk's log-sum-exp: all the backward needs to recompute
-        ctx.save_for_backward(hidden, weight, targets, lse, part)
+        logp, lse = impl.forward(hidden, weight, targets, ignore_index, **kw)
+        ctx.save_for_backward(hidden, weight, targets, lse)  # lse (N,): all the backward needs to recompute
         ctx.impl, ctx.ignore_index, ctx.kw = impl, ignore_index, kw
         return logp
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, targets, lse, part = ctx.saved_tensors
-        dh, dw = ctx.impl.backward(hidden, weight, targets, lse, part, grad.contiguous(), ctx.ignore_index,
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dh, dw = ctx.impl.backward(hidden, weight, targets, lse, grad.contiguous(), ctx.ignore_index,
                                    ctx.needs_input_grad[1], **ctx.kw)
         return dh, dw, None, None, None, None
 
@@ -53,8 +52,7 @@ class _FusedLogprobs(torch.autograd.Function):
 def fused_logprobs(hidden, weight, targets, *, ignore_index=-100, impl=None, **kw):
     # hidden (N, D) any float dtype, weight (V, D), targets (N,) int -> (N,) fp32 log-probs, 0 where ignored.
     # kw: tile sizes for the chosen impl (block_n/block_v/block_d/splits/group/chunk or token_chunk/
-    # vocab_chunk); filter=True: gradient filtering (off by default: not exact, see README), and
-    # stats={} to receive the share of the backward's work it skipped.
+    # vocab_chunk).
     if impl is None:
         impl = "triton" if TRITON_INTERPRET or (TRITON_CUDA and hidden.is_cuda) else "torch"
     mod = {"triton": logprobs_triton, "torch": logprobs_torch}[impl]

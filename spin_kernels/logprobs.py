@@ -35,8 +35,7 @@ def _fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, zt_ptr, N, V, D, v_per_split, DOT:
     # One program = one row block x one split of the vocabulary. It walks its split BLOCK_V columns at a
     # time keeping a running max m and a running sum s of exp(z - m) (online log-sum-exp), then writes its
     # partial lse and the target logit (0 unless the target falls in its split). Splits exist to give the
-    # GPU enough programs when N is small; the launcher combines them, and keeps the partial lse for
-    # gradient filtering.
+    # GPU enough programs when N is small; the launcher combines them.
     split = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     tgt = tl.load(t_ptr + rows, rows < N, -1)
@@ -56,34 +55,28 @@ def _fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, zt_ptr, N, V, D, v_per_split, DOT:
 
 
 @triton.jit
-def _dz_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, idx_ptr, dz_ptr, n, N, V, D, c0, cv, DOT: tl.constexpr,
-               GATHER: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dz_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, N, V, D, c0, cv, DOT: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program = one (row block, vocab block) tile of dz = d loss / d logits for the vocabulary chunk
     # [c0, c0 + cv): recompute the logits tile as the forward did, dz = g * ([j == t] - exp(z - lse)), and
-    # store it once, in the operand dtype, into the chunk's (n, cv) buffer, which two cuBLAS GEMMs then take
-    # into d_hidden and d_weight (backward() below says why). Row r of the buffer is hidden row idx[r] when
-    # GATHER (filtering keeps a subset of the rows), else row r. The launch order is grouped as in Triton's
+    # store it once, in the operand dtype, into the chunk's (N, cv) buffer, which two cuBLAS GEMMs then take
+    # into d_hidden and d_weight (backward() below says why). The launch order is grouped as in Triton's
     # matmul tutorial, so the programs in flight share GROUP row blocks of h and their W tiles in L2.
     pid = tl.program_id(0)
     blocks_v = tl.cdiv(cv, BLOCK_V)
     first = (pid // (GROUP * blocks_v)) * GROUP
-    size = tl.minimum(tl.cdiv(n, BLOCK_N) - first, GROUP)
+    size = tl.minimum(tl.cdiv(N, BLOCK_N) - first, GROUP)
     pid_n = first + (pid % (GROUP * blocks_v)) % size
     pid_v = (pid % (GROUP * blocks_v)) // size
-    r = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # rows of the buffer
-    if GATHER:
-        rows = tl.load(idx_ptr + r, r < n, 0)  # rows of hidden
-    else:
-        rows = r
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = (c0 + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     z = _logits(h_ptr, w_ptr, rows, cols, N, V, D, DOT, BLOCK_N, BLOCK_V, BLOCK_D)  # (BLOCK_N, BLOCK_V)
-    lse = tl.load(lse_ptr + rows, r < n, float("inf"))  # padding rows: p = 0, not exp(z - 0) = inf
-    g = tl.load(g_ptr + rows, r < n, 0.0)  # upstream grad, already 0 on ignored rows
-    tgt = tl.load(t_ptr + rows, r < n, -1)
+    lse = tl.load(lse_ptr + rows, rows < N, float("inf"))  # padding rows: p = 0, not exp(z - 0) = inf
+    g = tl.load(g_ptr + rows, rows < N, 0.0)  # upstream grad, already 0 on ignored rows
+    tgt = tl.load(t_ptr + rows, rows < N, -1)
     dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None]))
-    at = r[:, None] * cv + (cols - c0)[None, :]
-    tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), (r[:, None] < n) & (cols[None, :] < c0 + cv))
+    at = rows[:, None] * cv + (cols - c0)[None, :]
+    tl.store(dz_ptr + at, dz.to(dz_ptr.dtype.element_ty), (rows[:, None] < N) & (cols[None, :] < c0 + cv))
 
 
 def _dot_dtype(hidden):
@@ -115,10 +108,9 @@ def _plan(hidden, V, block_n, block_v, block_d, splits):
 
 
 def forward(hidden, weight, targets, ignore_index=-100, *, block_n=None, block_v=None, block_d=None,
-            splits=None, group=None, chunk=None, filter=False, stats=None, num_warps=8, num_stages=3):
-    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32; saved for backward: lse (N,) fp32 and
-    # part (N, splits) fp32, each split's log-sum-exp (what filtering reads). The keywords are shared with
-    # backward: splits is forward's, group/chunk/filter/stats are backward's.
+            splits=None, group=None, chunk=None, num_warps=8, num_stages=3):
+    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32 and, saved for backward, lse (N,) fp32.
+    # The keywords are shared with backward: splits is forward's, group/chunk are backward's.
     (N, D), V = hidden.shape, weight.shape[0]
     bn, bv, bd, v_split = _plan(hidden, V, block_n, block_v, block_d, splits)
     splits = triton.cdiv(V, v_split)
@@ -128,16 +120,15 @@ def forward(hidden, weight, targets, ignore_index=-100, *, block_n=None, block_v
                                               _dot_dtype(hidden), bn, bv, bd,
                                               num_warps=num_warps, num_stages=num_stages)
     lse = torch.logsumexp(part, 0)  # (N,) the splits' partial log-sum-exps combined
-    return torch.where(targets == ignore_index, 0.0, part_zt.sum(0) - lse), lse, part.T
+    return torch.where(targets == ignore_index, 0.0, part_zt.sum(0) - lse), lse
 
 
 # dz chunks of 128 MiB: 16k vocabulary columns for 4096 bf16 rows, 4% of the (N, V) logits' 3 GiB at Llama 3
 DZ_BYTES = 2 ** 27
 
 
-def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_dw=True, *, block_n=None,
-             block_v=None, block_d=None, splits=None, group=8, chunk=None, filter=False, stats=None,
-             num_warps=8, num_stages=3):
+def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True, *, block_n=None,
+             block_v=None, block_d=None, splits=None, group=8, chunk=None, num_warps=8, num_stages=3):
     # grad (N,) upstream d loss / d logp -> d_hidden (N, D), d_weight (V, D) or None, in the inputs' dtypes.
     # The vocabulary goes in chunks of C columns (whole forward splits; chunk=None: DZ_BYTES of dz). Per
     # chunk: _dz_kernel writes dz (N, C) in the operand dtype, then cuBLAS computes
@@ -145,39 +136,22 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
     #   d_hidden += dz @ W[chunk]     summed in one fp32 (N, D) buffer, cast once at the end
     # No atomics, no fp32 (V, D) buffer, and the GEMMs' outputs stay on chip whatever D is (README: a
     # Triton program owning d_hidden rows would need BLOCK_N x D fp32 of them, 2 MiB at D = 4096).
-    # filter: only the (row, chunk) pairs keep_mask keeps are recomputed and multiplied (rows gathered).
     (N, D), V = hidden.shape, weight.shape[0]
     bn, bv, bd, v_split = _plan(hidden, V, block_n, block_v, block_d, splits)
     per = max(1, (chunk or DZ_BYTES // (N * hidden.element_size())) // v_split)  # forward splits per chunk
     C = min(per * v_split, triton.cdiv(V, v_split) * v_split)
-    valid = targets != ignore_index
-    g = torch.where(valid, grad.float(), 0.0).contiguous()
-    keep = None
-    if filter:  # each chunk's log-sum-exp from its splits'
-        part_c = torch.stack([part[:, s:s + per].logsumexp(1) for s in range(0, part.shape[1], per)], 1)
-        keep = logprobs_torch.keep_mask(part_c, lse, torch.where(valid, targets, 0), valid, C, V,
-                                        weight.dtype, stats)
+    g = torch.where(targets != ignore_index, grad.float(), 0.0).contiguous()
     dh = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
     dw = torch.empty_like(weight) if need_dw else None
     dz = torch.empty(N * min(C, V), dtype=hidden.dtype, device=hidden.device)
-    for k, c0 in enumerate(range(0, V, C)):
+    for c0 in range(0, V, C):
         cv = min(C, V - c0)
-        idx = None if keep is None else keep[:, k].nonzero()[:, 0]  # (n,) the rows kept for this chunk
-        n = N if idx is None else idx.numel()
-        if n == 0:
-            if need_dw:
-                dw[c0:c0 + cv] = 0
-            continue
-        d = dz[:n * cv].view(n, cv)
-        _dz_kernel[(triton.cdiv(n, bn) * triton.cdiv(cv, bv),)](
-            hidden, weight, targets, lse, g, targets if idx is None else idx, d, n, N, V, D, c0, cv,
-            _dot_dtype(hidden), idx is not None, group, bn, bv, bd,
+        d = dz[:N * cv].view(N, cv)
+        _dz_kernel[(triton.cdiv(N, bn) * triton.cdiv(cv, bv),)](
+            hidden, weight, targets, lse, g, d, N, V, D, c0, cv, _dot_dtype(hidden), group, bn, bv, bd,
             num_warps=num_warps, num_stages=num_stages)
         w = weight[c0:c0 + cv]
-        if idx is None:
-            logprobs_torch.addmm(dh, d, w)
-        else:  # kept rows only: one add per (row, element) and chunk, no contention
-            dh.index_add_(0, idx, logprobs_torch.mm32(d, w))
+        logprobs_torch.addmm(dh, d, w)
         if need_dw:
-            torch.mm(d.T, hidden if idx is None else hidden[idx], out=dw[c0:c0 + cv])
+            torch.mm(d.T, hidden, out=dw[c0:c0 + cv])
     return dh.to(hidden.dtype), dw

@@ -64,29 +64,9 @@ def addmm(acc, a, b, alpha=1, bufs=None):
     return acc.add_(mm32(a, b, bufs), alpha=alpha)
 
 
-def keep_mask(part, lse, safe, valid, width, V, dtype, stats=None):
-    # Gradient filtering: (N, chunks) bool, the (row, vocabulary chunk) pairs a filtered backward computes.
-    # part (N, chunks): each chunk's own log-sum-exp, saved by the forward; width: columns per chunk.
-    # A pair is skipped when its row is ignored (g = 0: exact), or when its target is not in the chunk and
-    # the chunk's whole softmax mass exp(part - lse) is below u, the unit roundoff of the gradients' dtype:
-    # then every softmax value there is below u, and so is their sum, so the pair's share of d_hidden row i,
-    # g_i sum_j p_ij W_j, is below half an ulp of |g_i| max|W|. Not exact in general (README): skipped
-    # chunks add up, and a token that no row targets gets its whole d_weight row from such small terms.
-    # stats (a dict, optional) gets "skipped": the share of the N x V logits the backward does not compute.
-    u = torch.finfo(dtype).eps / 2
-    chunk = torch.arange(part.shape[1], device=part.device)
-    keep = valid[:, None] & (((safe // width)[:, None] == chunk) | ((part - lse[:, None]).exp() >= u))
-    if stats is not None:
-        cols = (V - chunk * width).clamp(max=width).float()  # (chunks,) the last chunk may be narrower
-        stats["skipped"] = float((~keep).float().sum(0) @ cols) / (keep.shape[0] * V)
-    return keep
-
-
-def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=2048, vocab_chunk=1024,
-            filter=False, stats=None):
-    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32; saved for backward: lse (N,) fp32 and
-    # part (N, cdiv(V, vocab_chunk)) fp32, each vocab chunk's log-sum-exp (what filtering reads).
-    # filter and stats are backward's keywords.
+def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=2048, vocab_chunk=1024):
+    # hidden (N, D), weight (V, D), targets (N,) -> logp (N,) fp32 and, saved for backward, lse (N,) fp32.
+    # Each vocab tile's log-sum-exp goes into part (N, tiles), combined into lse once per token chunk.
     N, V = hidden.shape[0], weight.shape[0]
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0)
@@ -107,16 +87,15 @@ def forward(hidden, weight, targets, ignore_index=-100, *, token_chunk=2048, voc
         if bias is not None:
             part[rows] -= bias.float()
         lse[rows] = torch.logsumexp(part[rows], 1)
-    return torch.where(valid, zt - lse, 0.0), lse, part
+    return torch.where(valid, zt - lse, 0.0), lse
 
 
-def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_dw=True, *,
-             token_chunk=2048, vocab_chunk=1024, filter=False, stats=None):
+def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True, *,
+             token_chunk=2048, vocab_chunk=1024):
     # grad (N,) upstream d loss / d logp -> d_hidden (N, D), d_weight (V, D) or None, in the inputs' dtypes.
     # d logp_i / d z_ij = [j == t_i] - p_ij (p = softmax), so with g the upstream grad:
     #   d_hidden = g * (W[t] - P @ W)        d_weight = onehot(t).T @ (g * h) - P.T @ (g * h)
     # P goes through the tiles unscaled (g is folded into h); the one-hot parts: a gather and an index_add.
-    # filter: skip the (row, vocab chunk) pairs keep_mask rejects (their P rows count as 0).
     (N, D), V = hidden.shape, weight.shape[0]
     valid = targets != ignore_index
     g = torch.where(valid, grad.float(), 0.0)[:, None]  # (N, 1) ignored rows get no gradient
@@ -126,27 +105,20 @@ def backward(hidden, weight, targets, lse, part, grad, ignore_index=-100, need_d
     # 16-bit: logits are computed minus bf16(lse) inside the GEMM (see _logits), so p = exp(z' - shift)
     bias = None if hidden.dtype == torch.float32 else (-lse[:, None]).to(hidden.dtype)
     shift = lse[:, None] if bias is None else lse[:, None] + bias.float()  # (N, 1)
-    keep = keep_mask(part, lse, safe, valid, vocab_chunk, V, weight.dtype, stats) if filter else None
     pw = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)  # P @ W, summed over the vocab chunks
     dw = torch.empty_like(weight) if need_dw else None
     acc = torch.empty(min(V, vocab_chunk), D, dtype=torch.float32, device=hidden.device)  # d_weight slice
     bufs = _buffers(hidden, min(N, token_chunk), min(V, vocab_chunk))
     outs = _buffers(hidden, max(min(N, token_chunk), min(V, vocab_chunk)), D)  # (n, D) and (v, D) products
-    for k, j in enumerate(range(0, V, vocab_chunk)):
+    for j in range(0, V, vocab_chunk):
         w = weight[j:j + vocab_chunk]  # (v, D) as stored
         a = acc[:w.shape[0]].zero_()
         for i in range(0, N, token_chunk):
-            rows = slice(i, i + token_chunk)  # filtering: only the rows kept for this chunk, gathered
-            rows = rows if keep is None else i + keep[rows, k].nonzero()[:, 0]
-            if keep is not None and rows.numel() == 0:
-                continue
+            rows = slice(i, i + token_chunk)
             p = _logits(bufs, hidden[rows], w, None if bias is None else bias[rows])
             p = p.sub_(shift[rows]).exp_()  # (n, v) softmax tile; 16-bit: rounded, into the free 16-bit one
             p = p if bufs[1] is None else tile(bufs[1], *p.shape).copy_(p)
-            if keep is None:
-                addmm(pw[rows], p, w, bufs=outs)
-            else:  # a gathered copy: added back by index
-                pw.index_add_(0, rows, mm32(p, w, outs))
+            addmm(pw[rows], p, w, bufs=outs)
             if need_dw:
                 addmm(a, p.T, gh_op[rows], alpha=-1, bufs=outs)
                 t = safe[rows] - j  # the one-hot part of the rows whose target is in this chunk
