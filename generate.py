@@ -160,23 +160,28 @@ def length_groups(lengths, budget):
 
 def prefill(model, cache, rows, prompts, budget):
     # Writes prompts (token lists) into cache rows `rows`, every other row untouched; returns their
-    # next-token logits (n, V). A group's forward covers at most `budget` tokens: a prompt longer than
-    # that goes through in chunks, each attending to the ones before it in the cache.
+    # next-token logits (n, V). A group of prompts goes through a cache of its own, then into its rows. A
+    # forward covers at most `budget` tokens: a longer prompt goes through in chunks, each attending to
+    # the ones before it in the group's cache.
     dev, lengths = cache.pos.device, [len(p) for p in prompts]
     last = torch.empty(len(prompts), model.config.hidden_size, dtype=cache.k[0].dtype, device=dev)  # (n, D)
     for group in length_groups(lengths, budget):
         T, n = max(lengths[i] for i in group), len(group)
         x = torch.tensor([prompts[i] + [0] * (T - lengths[i]) for i in group], device=dev)   # (g, T)
-        at = torch.tensor([rows[i] for i in group], device=dev)
+        own = KVCache(model.config, n, T, cache.k[0].dtype, dev)
         C = max(1, budget // n)
         for c in range(0, T, C):
             chunk = x[:, c:c + C]                                                            # (g, <=C)
-            h = model(chunk, cache=cache.select(at, torch.full((n,), c, device=dev), c + chunk.shape[1]),
-                      hidden=True)                                                           # (g, <=C, D)
+            own.pos.fill_(c)
+            own.length = c + chunk.shape[1]  # the slots this chunk's queries may see
+            h = model(chunk, cache=own, hidden=True)                                         # (g, <=C, D)
             ends = [(j, i, lengths[i] - 1 - c) for j, i in enumerate(group) if c < lengths[i] <= c + C]
             if ends:
                 j, i, e = (torch.tensor(v, device=dev) for v in zip(*ends))
                 last[i] = h[j, e]                                                 # each row's last token
+        at = torch.tensor([rows[i] for i in group], device=dev)
+        for K, k in zip(cache.k + cache.v, own.k + own.v):
+            K[at, :, :T] = k
     return lm_head(model, last)
 
 
@@ -350,8 +355,8 @@ def keep_rows(cache, rows, n):
             for K in cache.k + cache.v:
                 K[j, :, :n] = K[r, :, :n]
     m = len(rows)
-    return cache.replace(k=[K[:m] for K in cache.k], v=[V[:m] for V in cache.v], pos=cache.pos[:m],
-                         all_rows=cache.all_rows[:m])
+    cache.k, cache.v, cache.pos = [K[:m] for K in cache.k], [V[:m] for V in cache.v], cache.pos[:m]
+    return cache
 
 
 # ----- command line: stream one answer -----

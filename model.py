@@ -194,9 +194,9 @@ class KVCache:
 
     Row b holds `pos[b]` tokens; a forward with the cache writes its T new tokens at positions
     pos[b] .. pos[b]+T-1 of each row, which is what lets prompts of different lengths share a batch.
-    Attention reads every slot, each layer's keys one contiguous block: the sampler keeps the cache as
-    long as its longest row needs (resized), so a decode step neither scans unused slots nor copies
-    the slots it reads out of a longer allocation. The model never advances `pos`: the caller does."""
+    Attention reads the first `length` slots, each layer's keys one contiguous block: the sampler keeps the
+    cache as long as its longest row needs (resized), so a decode step neither scans unused slots nor
+    copies the slots it reads out of a longer allocation. The model never advances `pos`: the caller does."""
 
     def __init__(self, cfg, batch, max_len, dtype=torch.float32, device=None):
         # one tensor (B, Hkv, max_len, hd) per layer: a resize holds one layer twice, not the whole cache
@@ -205,13 +205,6 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) tokens held per row
         self.length = max_len                                           # slots attention reads
-        self.rows = None  # None: a forward covers every row; else (n,) the rows it covers, see select
-        self.all_rows = torch.arange(batch, device=device)
-
-    def replace(self, **fields):  # the same storage, some fields replaced (nothing is copied)
-        view = KVCache.__new__(KVCache)
-        view.__dict__.update(self.__dict__, **fields)
-        return view
 
     def resize(self, slots):
         # In place: every row gets `slots` slots, its first min(slots, old) kept, the rest zero (keys no
@@ -222,21 +215,14 @@ class KVCache:
                     kv[i] = F.pad(old[:, :, :slots], (0, 0, 0, max(0, slots - old.shape[2])))
         self.length = slots
 
-    def select(self, rows, pos, length):
-        # The same storage seen by a forward over some rows only (a prefill into rows just freed, the
-        # others untouched): rows (n,), pos (n,) their positions, length the slots its attention reads.
-        return self.replace(rows=rows, pos=pos, length=length)
-
     def update(self, layer, k, v, pos):
-        # k, v (n, Hkv, T, hd) written at per-row positions pos (n, T) -> the covered rows' keys and
-        # values in slots 0..length-1, (n, Hkv, length, hd): a view when every row is covered.
-        rows = (self.all_rows if self.rows is None else self.rows)[:, None]           # (n, 1)
+        # k, v (B, Hkv, T, hd) written at per-row positions pos (B, T) -> every row's keys and values in
+        # slots 0..length-1, (B, Hkv, length, hd), views of the cache
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]                  # (B, 1)
         K, V = self.k[layer], self.v[layer]                                          # (B, Hkv, slots, hd)
-        K[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (n, T, Hkv, hd)
+        K[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, Hkv, hd)
         V[rows, :, pos] = v.transpose(1, 2)
-        if self.rows is None:
-            return K[:, :, :self.length], V[:, :, :self.length]
-        return K[self.rows, :, :self.length], V[self.rows, :, :self.length]
+        return K[:, :, :self.length], V[:, :, :self.length]
 
     def mask(self, pos, window=None):
         # (n, 1, T, length) bool, True = may attend, for queries at positions pos (n, T): keys are
