@@ -14,7 +14,8 @@ import torch
 
 from . import logprobs_torch
 from .attention import use_fast_attention
-from .machine import free_memory, has_bf16_units, mark_static, max_pool, padded_length, row_tokens  # noqa: F401
+from .machine import (free_memory, has_bf16_units, mark_static, max_pool, padded_length,  # noqa: F401
+                      row_tokens)
 from .norm import use_fast_norm
 from .packed import packed_weights  # noqa: F401
 from .reduce import use_one_process_reduce

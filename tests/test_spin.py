@@ -390,7 +390,7 @@ def test_generation_config_decoding_is_the_checkpoints(setup, process_group):
 def test_one_process_reduce_is_fsdps_own(checkpoints, process_group, monkeypatch, dtype):
     # spin_kernels.use_one_process_reduce (FSDP's reduce-scatter in a group of one, without fresh buffers;
     # in bf16 one buffer per size for every block and step) gives FSDP's own gradients, bit for bit: two
-    # steps of two accumulated micro-batches each, so a gradient left as a view of a reused buffer would show.
+    # steps of two accumulated micro-batches each: a gradient left as a view of a reused buffer would show.
     import spin
     from model import Transformer
     from spin_kernels import reduce
@@ -400,13 +400,15 @@ def test_one_process_reduce_is_fsdps_own(checkpoints, process_group, monkeypatch
                         allocate(self, *a, **k))
 
     def gradients(fast):
-        model = spin.shard(Transformer.from_pretrained(checkpoints["llama"][0]), 1, torch.device("cpu"), dtype)
+        model = Transformer.from_pretrained(checkpoints["llama"][0])
+        model = spin.shard(model, 1, torch.device("cpu"), dtype)
         if fast:
             reduce.use_one_process_reduce(model)
         out = []
         for step in range(2):
             for micro in range(2):
-                tokens = torch.randint(1, 300, (2, 9), generator=torch.Generator().manual_seed(10 * step + micro))
+                g = torch.Generator().manual_seed(10 * step + micro)
+                tokens = torch.randint(1, 300, (2, 9), generator=g)
                 model(tokens).float().logsumexp(-1).sum().backward()
             out.append([p.grad.to_local().clone() for p in model.parameters()])
             model.zero_grad(set_to_none=True)
