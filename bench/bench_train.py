@@ -152,9 +152,9 @@ def spin_model(a, cfg, model_path, dev):
                             world_size=1)
     if a.way == "padded":
         spin.schedule, spin.group_logprobs = padded_schedule, padded_group_logprobs
-    model = speed_up(workload.random_model(a.shape, dev) if model_path is None else
-                     Transformer.from_pretrained(model_path, dtype=torch.float32))
-    model = spin.shard(model, 1, dev, compute_dtype(dev, cfg.compute_dtype))
+    model = (workload.random_model(a.shape, dev) if model_path is None else
+             Transformer.from_pretrained(model_path, dtype=torch.float32))
+    model = speed_up(spin.shard(model, 1, dev, compute_dtype(dev, cfg.compute_dtype)))  # as spin.load_model
     model.grad_checkpointing = cfg.grad_checkpointing  # as spin.main sets it
     return model
 
