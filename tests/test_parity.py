@@ -76,21 +76,19 @@ def run_trl(path, loss, beta, optimizer, lr, out):
 
 def run_spin(path, loss, beta, optimizer, lr, mutate=None):
     # spin.py's own functions, as `python spin.py` runs them: FSDP2 over a group of one (the process_group
-    # fixture), packed micro-batches (micro_batch_tokens 128: the four pairs in several rows, so gradients
+    # fixture) and the machine's fast paths (spin.load_model), packed micro-batches (micro_batch_tokens 128: the four pairs in several rows, so gradients
     # accumulate across them).
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     import spin
     from data import Tokenizer
-    from model import Transformer
     cfg = spin.Config(batch_size=len(PAIRS), epochs=EPOCHS, lr=(lr,), beta=(beta,), loss=loss,
                       optimizer=optimizer, warmup_ratio=WARMUP, max_grad_norm=1.0, micro_batch_tokens=128,
                       compute_dtype="float32")
     tok = Tokenizer.from_pretrained(path)
     ids = [spin.pair_group(tok, [{"role": "user", "content": q}], real, gen, cfg) for q, real, gen in PAIRS]
     groups = mutate(ids) if mutate else ids
-    model = spin.shard(Transformer.from_pretrained(path, dtype=torch.float32), 1, torch.device("cpu"),
-                       torch.float32)
+    model = spin.load_model(path, cfg, 1, torch.device("cpu"))
     ref = spin.score(model, groups, cfg, "score")                                         # (N, 2)
     logged = []
     model.train()
