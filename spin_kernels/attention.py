@@ -52,7 +52,7 @@ def decode(q, k, v, mask):
     # Two batched matmuls, each group of query heads on its own key/value head; as transformers' eager
     # attention: scores in the compute dtype, softmax in fp32.
     (B, nh, _, hd), nkv = q.shape, k.shape[1]
-    k, v = k.contiguous(), v.contiguous()  # no-ops on the sampler's cache; a bf16 bmm on a view is 6x slower
+    k, v = k.contiguous(), v.contiguous()  # no-ops on the sampler's cache; a bf16 bmm on a view is slow
     s = (q.view(B, nkv, nh // nkv, hd) * hd ** -0.5) @ k.transpose(-1, -2)                # (B, nkv, G, S)
     p = s.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
     return (p @ v).view(B, nh, 1, hd)

@@ -11,7 +11,7 @@ import torch
 
 def _buffers(h, n, v):
     # the reused tiles: fp32 logits, and for 16-bit operands the GEMM's own 16-bit output (in the backward
-    # then the 16-bit softmax tile); a fresh buffer per tile cost page faults every time (issue 23)
+    # then the 16-bit softmax tile); a fresh buffer per tile costs page faults every time
     f32 = torch.empty(n * v, dtype=torch.float32, device=h.device)
     return f32, (None if h.dtype == torch.float32 else torch.empty(n * v, dtype=h.dtype, device=h.device))
 

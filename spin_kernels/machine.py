@@ -12,7 +12,7 @@ CPU_POOL, CUDA_POOL = 64, 512  # most decode rows by default: on a CPU more stop
 
 def has_bf16_units(device):
     # CUDA from Ampere on; a CPU with AVX512-BF16 or AMX, where a bf16 GEMM is several times an fp32 one
-    # (elsewhere bf16 is emulated: ~100x slower than fp32 on an AVX2 CPU)
+    # (elsewhere bf16 is emulated, far slower than fp32)
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

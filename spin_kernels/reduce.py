@@ -1,7 +1,7 @@
 # FSDP2's gradient reduce-scatter in a group of one process on a CPU, without fresh memory. FSDP packs a
 # block's gradients into a fresh buffer, then copies it into a second fresh buffer as the "scattered"
-# output; on a CPU the first touch of fresh memory costs a page fault per 4 KB (~2 s of a ~10 s bf16
-# train step on a 2-core CPU). `use_one_process_reduce(model)` gives every FSDP module of a one-process
+# output; on a CPU the first touch of fresh memory costs a page fault per 4 KB, a large share of a bf16
+# train step (docs/benchmarks.md). `use_one_process_reduce(model)` gives every FSDP module of a one-process
 # CPU run a reduce (FSDP's Comm interface: allocate, then call) whose output is the packed buffer itself
 # (FSDP's copy becomes a self-copy, a no-op) and, for a gradient reduced in another dtype than the fp32
 # master weights (bf16 compute), one buffer per size for every block and step: the gradient is then cast
