@@ -228,7 +228,7 @@ def fit(cache, slots, seen, compiled):
     # static; the pool's shape never changes, so refills replay the same graphs until the next resize.
     cache.resize(slots)
     if compiled:
-        mark_static(cache.k + cache.v + [cache.pos] + ([seen] if seen is not None else []))
+        mark_static(cache.k + cache.v + [cache.pos, cache.rows] + ([seen] if seen is not None else []))
 
 
 def make_step(sampling, compile):
@@ -355,7 +355,8 @@ def keep_rows(cache, rows, n):
             for K in cache.k + cache.v:
                 K[j, :, :n] = K[r, :, :n]
     m = len(rows)
-    cache.k, cache.v, cache.pos = [K[:m] for K in cache.k], [V[:m] for V in cache.v], cache.pos[:m]
+    cache.k, cache.v = [K[:m] for K in cache.k], [V[:m] for V in cache.v]
+    cache.pos, cache.rows = cache.pos[:m], cache.rows[:m]
     return cache
 
 

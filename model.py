@@ -205,6 +205,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) tokens held per row
         self.length = max_len                                           # slots attention reads
+        self.rows = torch.arange(batch, device=device)[:, None]        # (B, 1) row indices, for update
 
     def resize(self, slots):
         # In place: every row gets `slots` slots, its first min(slots, old) kept, the rest zero (keys no
@@ -218,10 +219,9 @@ class KVCache:
     def update(self, layer, k, v, pos):
         # k, v (B, Hkv, T, hd) written at per-row positions pos (B, T) -> every row's keys and values in
         # slots 0..length-1, (B, Hkv, length, hd), views of the cache
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]                  # (B, 1)
         K, V = self.k[layer], self.v[layer]                                          # (B, Hkv, slots, hd)
-        K[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, Hkv, hd)
-        V[rows, :, pos] = v.transpose(1, 2)
+        K[self.rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (B, T, Hkv, hd)
+        V[self.rows, :, pos] = v.transpose(1, 2)
         return K[:, :, :self.length], V[:, :, :self.length]
 
     def mask(self, pos, window=None):

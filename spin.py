@@ -171,9 +171,9 @@ def per_iter(values, t):
 def setup_distributed():
     # The one place a run picks its device: this process's GPU (torchrun's LOCAL_RANK) where there are
     # GPUs, else the CPU; the process group uses that device's backend (NCCL, gloo).
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if gpu else torch.device("cpu")
+    if gpu:
         torch.cuda.set_device(device)
     backend = dist.get_default_backend_for_device(device)
     if "RANK" in os.environ:
