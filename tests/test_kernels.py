@@ -228,6 +228,17 @@ def test_machine_private_apis():
     assert has_bf16_units("meta") is False
 
 
+def test_machine_row_sizes():
+    # Packed training rows: padded on CUDA only (FlexAttention compiles per length) to a multiple of a
+    # quarter of the budget, so at most four lengths; elsewhere left as they are.
+    from spin_kernels.machine import padded_length, row_tokens
+    assert (row_tokens("cpu"), row_tokens("cuda")) == (4096, 16384)
+    assert [padded_length(n, 16384, "cuda") for n in (1, 4096, 4097, 16384)] == [4096, 4096, 8192, 16384]
+    assert {padded_length(n, 16384, "cuda") for n in range(1, 16385, 97)} == {4096, 8192, 12288, 16384}
+    assert padded_length(300, 200, "cuda") == 384  # a small budget: multiples of 128
+    assert padded_length(4097, 16384, "cpu") is None
+
+
 def test_dispatch(monkeypatch):
     # impl=None: Triton under the interpreter or for CUDA tensors, the PyTorch twin otherwise
     calls = []
