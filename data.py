@@ -55,8 +55,7 @@ class Tokenizer:
         template = chat_template or config.get("chat_template")
         if isinstance(template, list):  # older format: a list of named templates
             template = {t["name"]: t["template"] for t in template}.get("default")
-        self.chat_template = template
-        self._compiled = None
+        self.chat_template, self._compiled = template, None
         # A checkpoint may stop on several ids (Llama 3: <|eot_id|> and <|end_of_text|>).
         eos = self.generation_config.get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -75,8 +74,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as TK
         if str(path).endswith(".gguf"):
             from from_gguf import load_gguf_tokenizer
-            tk, config, gen = load_gguf_tokenizer(path)
-            return cls(tk, config, gen, chat_template, source=str(path))
+            return cls(*load_gguf_tokenizer(path), chat_template, source=str(path))
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file}: not found (only fast tokenizers, tokenizer.json, are read)")
@@ -116,19 +114,15 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render(self, messages, add_generation_prompt=False):
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
         if not self.chat_template:
             raise ValueError(f"{self.source}: the checkpoint has no chat template; name one with "
                              f"--chat_template FILE")
         if self._compiled is None:
             self._compiled = compile_template(self.chat_template)
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        text = self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      tools=None, documents=None, **self.special)
-
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
-        text = self.render(messages, add_generation_prompt)
         return self.encode(text) if tokenize else text
-
 
 
 # ----- Part 2: SFT records in, token pairs out -----
@@ -137,11 +131,8 @@ class Tokenizer:
 # the last assistant answer. Formats: OpenAI/UltraChat {"messages"}, ShareGPT {"conversations": [{"from",
 # "value"}]}, Alpaca {"instruction", "input", "output"}, and SPIN's own {"real": [...], "generated": [...]}.
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-         "system": "system"}
-
-
+ROLES = {"human": "user", "user": "user", "system": "system",
+         **dict.fromkeys(("gpt", "assistant", "chatgpt", "bard", "bing", "model"), "assistant")}
 DATA_EXT = (".parquet", ".jsonl", ".json")
 FIELDS = ("messages", "conversations", "real", "instruction", "input", "output")  # what to_pair reads
 
@@ -230,8 +221,7 @@ def read_parquet_records(file):
         raise ValueError(f"{file}: no columns of a known format (messages, conversations, real, or "
                          f"instruction + output); it has {', '.join(names)}")
     rows = (rec for batch in table.to_batches(max_chunksize=1024) for rec in batch.to_pylist())
-    for i, rec in enumerate(rows):
-        yield f"row {i}", rec
+    yield from ((f"row {i}", rec) for i, rec in enumerate(rows))
 
 
 def to_pair(rec, first_turn=False):
@@ -249,9 +239,8 @@ def to_pair(rec, first_turn=False):
     else:
         raise ValueError("no known fields (messages, conversations, instruction/output, real)")
     roles = ("system", "user", "assistant")
-    if not isinstance(msgs, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in roles
-            for m in msgs):
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                             and m.get("role") in roles for m in msgs):
         raise ValueError("messages must be {role: system|user|assistant, content: string} objects")
     answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     if first_turn:  # the paper's setting: first user turn and the first answer after it
@@ -361,6 +350,5 @@ def pack(groups, rows, pad_id, device=None, length=None):
                 owner += [g * A + a - 1] * R
                 end += R
             at = end
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return (tokens.to(device), (pos.to(device), doc.to(device), branch.to(device)),
-            (as_tensor(index), as_tensor(ids)), as_tensor(owner))
+    index, ids, owner = (torch.tensor(x, dtype=torch.long, device=device) for x in (index, ids, owner))
+    return tokens.to(device), (pos.to(device), doc.to(device), branch.to(device)), (index, ids), owner

@@ -18,20 +18,13 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 SUPPORTED = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1}
 
 # llama.cpp tensor names -> HF names; "{i}" is the layer.
-NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
+NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+         "output.weight": "lm_head.weight"}
+NAMES.update({f"blk.{{i}}.{gguf}.weight": f"model.layers.{{i}}.{hf}.weight" for gguf, hf in (
+    ("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"), ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"))})
 
 # Pre-tokenizer regexes exactly as llama.cpp's llm_tokenizer_bpe applies them: each one splits
 # every piece left by the one before, keeping matches and gaps alike ("isolated").
@@ -57,8 +50,7 @@ def _read(path):
 
 
 def _meta(reader, path, key, default=KeyError):
-    field = reader.fields.get(key)
-    if field is None:
+    if (field := reader.fields.get(key)) is None:
         if default is KeyError:
             raise ValueError(f"{path}: missing GGUF metadata key {key!r}")
         return default
@@ -72,26 +64,6 @@ def _unpermute(w, n_head):
     # convert_hf_to_gguf interleaves each head's rows (x0, x_half, x1, ...) for llama.cpp's
     # adjacent-pair RoPE; put them back in HF's rotate-half order (first half, second half).
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _llama3_rope_scaling(path, divisors, theta, head_dim, original):
-    # llama.cpp keeps Llama 3 rope scaling only as per-frequency divisors (rope_freqs.weight).
-    # Frequencies depend on low/high_freq_factor only through their ratio to the original context,
-    # so fix that and fit the two factors on the smoothly interpolated band, then check them.
-    x = original / (2 * np.pi) * theta ** (-np.arange(0, head_dim, 2) / head_dim)  # context/wavelength
-    factor = float(divisors.max())
-    mid = (divisors > 1 + 1e-4) & (divisors < factor - 1e-4)
-    low, high = 1.0, 4.0  # Llama 3.x's values, if the band is too thin to fit
-    if mid.sum() >= 2:
-        smooth = (1 / divisors[mid] - 1 / factor) / (1 - 1 / factor)
-        slope, icpt = np.polyfit(x[mid], smooth, 1)
-        low, high = round(-icpt / slope, 4), round((1 - icpt) / slope, 4)
-    s = (x - low) / (high - low)
-    rebuilt = np.where(x > high, 1.0, np.where(x < low, factor, 1 / ((1 - s) / factor + s)))
-    if not np.allclose(rebuilt, divisors, rtol=1e-3):
-        raise ValueError(f"{path}: rope_freqs.weight is not a llama3-type rope scaling")
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-            "original_max_position_embeddings": original}
 
 
 def load_gguf_model(path, dtype=torch.float32):
@@ -109,12 +81,9 @@ def load_gguf_model(path, dtype=torch.float32):
     if meta("llama.rope.scaling.type", "none") != "none":
         raise ValueError(f"{path}: rope scaling {meta('llama.rope.scaling.type')!r} is not supported")
     tensors = {t.name: t for t in r.tensors}
-    rope_scaling = None
-    if "rope_freqs.weight" in tensors:
-        t = tensors.pop("rope_freqs.weight")
-        divisors = dequantize(t.data, t.tensor_type).astype(np.float64).ravel()
-        original = meta("llama.rope.scaling.original_context_length", 8192)
-        rope_scaling = _llama3_rope_scaling(path, divisors, theta, head_dim, original)
+    if "rope_freqs.weight" in tensors:  # Llama 3.1's rope scaling, which llama.cpp keeps as divisors only
+        raise ValueError(f"{path}: rope_freqs.weight (Llama 3.1-style rope scaling) is not supported: "
+                         f"load the Hugging Face checkpoint instead")
 
     hf_names = {k.format(i=i): v.format(i=i) for k, v in NAMES.items() for i in range(n_layer)}
     state_dict = {}
@@ -129,24 +98,22 @@ def load_gguf_model(path, dtype=torch.float32):
         if name.endswith("attn_q.weight") or name.endswith("attn_k.weight"):
             w = _unpermute(w, n_head if name.endswith("q.weight") else n_kv)
         state_dict[hf_names[name]] = torch.from_numpy(w).to(dtype)
-    missing = {v for k, v in hf_names.items() if k != "output.weight"} - state_dict.keys()
-    if missing:
+    if missing := {v for k, v in hf_names.items() if k != "output.weight"} - state_dict.keys():
         raise ValueError(f"{path}: missing tensors, e.g. {sorted(missing)[0]!r}")
 
-    config = {
+    return {  # config.json
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "vocab_size": state_dict["model.embed_tokens.weight"].shape[0],
         "hidden_size": width, "intermediate_size": meta("llama.feed_forward_length"),
         "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_kv,
         "head_dim": head_dim, "rms_norm_eps": meta("llama.attention.layer_norm_rms_epsilon"),
-        "rope_theta": theta, "rope_scaling": rope_scaling,
+        "rope_theta": theta, "rope_scaling": None,
         "max_position_embeddings": meta("llama.context_length"),
         "tie_word_embeddings": "lm_head.weight" not in state_dict,
         "bos_token_id": meta("tokenizer.ggml.bos_token_id", None),
         "eos_token_id": meta("tokenizer.ggml.eos_token_id", None),
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-    }
-    return config, state_dict
+    }, state_dict
 
 
 def load_gguf_tokenizer(path):
@@ -154,8 +121,7 @@ def load_gguf_tokenizer(path):
     meta = partial(_meta, r, path)
     if (kind := meta("tokenizer.ggml.model")) != "gpt2":
         raise ValueError(f"{path}: tokenizer model {kind!r} is not supported, only 'gpt2' (byte-level BPE)")
-    pre = meta("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
+    if (pre := meta("tokenizer.ggml.pre", "default")) not in PRE_TOKENIZERS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported, only {sorted(PRE_TOKENIZERS)}")
     tokens = meta("tokenizer.ggml.tokens")
     types = meta("tokenizer.ggml.token_type", [1] * len(tokens))

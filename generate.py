@@ -2,16 +2,12 @@
 
 A fixed pool of S cache rows decodes together, one token per live row per step (decode_one_token). When
 a row stops (a stop id, or max_new_tokens), the next waiting prompt is prefilled into it between two
-decode steps (prefill: rows of similar length share a forward, a long prompt goes in chunks) while the
-other rows keep their caches; static batching is the special case that refills only once the whole
-pool has drained. The cache is as long as the longest live row needs, resized as that changes, so a
-step's attention reads no unused slots. The scheduler (generate) keeps every row's state on the host and
-hands the device step fixed shapes at fixed addresses between resizes, which is what `torch.compile` and
-CUDA graphs want. Randomness is
-counter-based per prompt: draw t of a prompt is a hash of (its key, t), so a prompt gets the same sample
-whatever the pool size, its neighbours, the scheduling, or the rank it runs on, up to floating point:
-on real weights the GEMMs round differently with the batch's shape (~1e-5 in the log-probs), which
-can flip a draw that lands in the distribution's far tail (docs/running.md, "generate").
+decode steps while the other rows keep their caches (static batching: refill only a drained pool). The
+cache is as long as the longest live row needs, so a step reads no unused slots; between resizes the
+device step sees fixed shapes at fixed addresses, as `torch.compile` and CUDA graphs want. Randomness is
+counter-based: draw t of a prompt is a hash of (its key, t), so a prompt gets the same sample whatever the
+pool, its neighbours or its rank, up to floating point (a GEMM rounds differently with the batch's shape,
+which can flip a draw in the distribution's far tail: docs/running.md, "generate").
 
     python generate.py --model PATH --prompt "Tell me a joke" [--raw] [--temperature 0.7 --top_p 0.9]
                        [--min_p 0.1 --repetition_penalty 1.2]
@@ -27,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import KVCache, Transformer, compute_dtype
-from spin_kernels import free_memory, mark_static, max_pool
+from data import Tokenizer
+from model import KVCache, Transformer, compute_dtype, resolve_model
+from spin_kernels import packed_weights, speed_up
+from spin_kernels.machine import free_memory, mark_static, max_pool
 
 # ----- randomness: one counter-based stream per prompt -----
 
@@ -71,11 +69,9 @@ def penalize(logits, seen, penalty):
 
 
 def running_sum(x, chunk=32):
-    # x (B, V) >= 0 -> its cumulative sums along V (B, V). Eager: x.cumsum(-1). Compiled: two scans, within
-    # chunks of 32 entries, then over the chunks' totals: Inductor in torch 2.11 crashes generating CUDA code
-    # for a long scan whose input is computed with a per-row value, as (logits - top).exp() is
-    # (pytorch#180369); a scan of 32 entries is never split, and the totals' scan reads a plain buffer
-    # (tests: the step's Triton code, generated on a CPU). Not eager: three passes over (B, V), not one.
+    # x (B, V) >= 0 -> its cumulative sums along V (B, V). Compiled: two scans, within chunks of 32, then
+    # over the chunks' totals, since Inductor (torch 2.11) crashes generating CUDA code for a long scan of
+    # a value computed per row, as (logits - top).exp() is (pytorch#180369; tested on a CPU's Triton code).
     if not torch.compiler.is_compiling():
         return x.cumsum(-1)
     B, V = x.shape
@@ -102,11 +98,10 @@ def filter_logits(logits, top_k=0, top_p=1.0, min_p=0.0):
 
 def sample(logits, u, temperature, top_k, top_p, min_p=0.0, penalty=1.0, seen=None):
     # logits (B, V) fp32, u (B,) float64 uniforms, seen (B, V) bool when penalty != 1 -> tokens (B,) and
-    # their log-probs (B,) under the distribution sampled from; greedy reports the (penalised) model's own
-    # (the point mass would say 0 for every token). Inverse-CDF sampling needs one uniform per row where
-    # Gumbel-max needs one per vocabulary entry. The CDF is a fp32 running sum (never decreasing, and cheaper
-    # than a float64 one); the target u * total is rounded down to fp32, so it stays below the total,
-    # and the first CDF entry above it is a token of nonzero probability.
+    # their log-probs (B,) under the distribution sampled from (greedy: the penalised model's own, not the
+    # point mass's 0). Inverse-CDF sampling needs one uniform per row, Gumbel-max one per vocabulary entry.
+    # The CDF is a fp32 running sum (never decreasing, cheaper than float64); the target u * total is rounded
+    # down to fp32, so it stays below the total and the first CDF entry above it has nonzero probability.
     if penalty != 1:
         logits = penalize(logits, seen, penalty)
     if temperature == 0:
@@ -137,10 +132,6 @@ def from_generation_config(config, source="generation_config.json"):
         do_sample=False, temperature=1.0, top_k=50, top_p=1.0, min_p=0.0, repetition_penalty=1.0).items()}
     return dict(temperature=g["temperature"] if g["do_sample"] else 0.0, top_k=g["top_k"] or 0,
                 top_p=g["top_p"], min_p=g["min_p"], repetition_penalty=g["repetition_penalty"])
-
-
-def lm_head(model, h):
-    return model.logits(h).float()  # h (B, D) -> fp32 logits (B, V)
 
 
 # ----- the device side: prefill into some rows, one decode step for the whole pool -----
@@ -182,18 +173,17 @@ def prefill(model, cache, rows, prompts, budget):
         at = torch.tensor([rows[i] for i in group], device=dev)
         for K, k in zip(cache.k + cache.v, own.k + own.v):
             K[at, :, :T] = k
-    return lm_head(model, last)
+    return model.logits(last).float()                                     # (n, V) fp32
 
 
 def decode_one_token(model, cache, tok, keys, n, seen, temperature, top_k, top_p, min_p=0.0, penalty=1.0):
     # tok (S,) every row's last token, written at its position cache.pos; keys (S, 2), n (S,) each row's
-    # draw counter; seen (S, V) bool, each row's prompt and answer tokens before tok (None without a
-    # penalty), tok marked in it here -> the next tokens (S,) and their log-probs (S,). Rows not in use
-    # compute garbage.
+    # draw counter; seen (S, V) bool, each row's prompt and answer tokens before tok (None without a penalty),
+    # tok marked in it here -> the next tokens (S,) and their log-probs (S,). Rows not in use compute garbage.
     if seen is not None:
         seen.scatter_(1, tok[:, None], True)
     h = model(tok[:, None], cache=cache, hidden=True)[:, 0]                              # (S, D)
-    return sample(lm_head(model, h), uniforms(keys, n), temperature, top_k, top_p, min_p, penalty, seen)
+    return sample(model.logits(h).float(), uniforms(keys, n), temperature, top_k, top_p, min_p, penalty, seen)
 
 
 # ----- the pool: its size from a memory budget, the span of keys a step reads -----
@@ -223,9 +213,8 @@ _compiled = {}  # one compiled step per sampling setting: the settings are graph
 
 
 def fit(cache, slots, seen, compiled):
-    # The cache resized to `slots` slots, in place. Compiled, its tensors marked static: "reduce-overhead"
-    # replays the step as a CUDA graph, which may update the cache in place only at addresses marked
-    # static; the pool's shape never changes, so refills replay the same graphs until the next resize.
+    # The cache resized to `slots` slots, in place; compiled, its tensors marked static for the CUDA graph
+    # (mark_static). The pool's shape never changes, so refills replay the same graphs until the next resize.
     cache.resize(slots)
     if compiled:
         mark_static(cache.k + cache.v + [cache.pos, cache.rows] + ([seen] if seen is not None else []))
@@ -380,9 +369,6 @@ def main():
                     help="the weights' dtype (auto: bf16 where the device has bf16 units); sampling is fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays on CUDA)")
     args = ap.parse_args()
-    from data import Tokenizer
-    from model import resolve_model
-    from spin_kernels import packed_weights, speed_up
     args.model = resolve_model(args.model)  # a hub id -> its snapshot folder in the hub's cache
     tok = Tokenizer.from_pretrained(args.model)
     dtype = compute_dtype(args.device, args.compute_dtype)

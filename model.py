@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from spin_kernels import fused_logprobs, has_bf16_units
+from spin_kernels import fused_logprobs
+from spin_kernels.machine import has_bf16_units
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
@@ -112,10 +113,8 @@ class Config:
 
 def compute_dtype(device, choice="auto"):
     # The precision policy, the one place it is decided: forwards compute in bf16 where the device has bf16
-    # units (spin_kernels.has_bf16_units), else in fp32. Master weights, gradient reduction, the optimizer
+    # units (spin_kernels.machine), else in fp32. Master weights, gradient reduction, the optimizer
     # and saved checkpoints stay fp32 whatever this says.
-    if choice not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"compute_dtype must be auto, bfloat16 or float32 (got {choice!r})")
     if choice == "auto":
         return torch.bfloat16 if has_bf16_units(device) else torch.float32
     return getattr(torch, choice)
@@ -190,13 +189,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values of every layer for a pool of B rows, owned by the sampler.
-
-    Row b holds `pos[b]` tokens; a forward with the cache writes its T new tokens at positions
-    pos[b] .. pos[b]+T-1 of each row, which is what lets prompts of different lengths share a batch.
-    Attention reads the first `length` slots, each layer's keys one contiguous block: the sampler keeps the
-    cache as long as its longest row needs (resized), so a decode step neither scans unused slots nor
-    copies the slots it reads out of a longer allocation. The model never advances `pos`: the caller does."""
+    """Keys and values of every layer for a pool of B rows, owned by the sampler. Row b holds pos[b]
+    tokens; a forward writes its T new tokens at positions pos[b] .. pos[b]+T-1 of each row, so prompts of
+    different lengths share a batch. Attention reads the first `length` slots, one contiguous block a layer:
+    the sampler resizes the cache to what its longest row needs, so a decode step neither scans unused
+    slots nor copies them out of a longer allocation. The caller advances pos, never the model."""
 
     def __init__(self, cfg, batch, max_len, dtype=torch.float32, device=None):
         # one tensor (B, Hkv, max_len, hd) per layer: a resize holds one layer twice, not the whole cache
@@ -248,8 +245,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Qwen3: weights (hd,), one scale per head dimension shared by all heads
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def project(self, x):  # x (B, T, D) -> q (B, T, nh*hd), k, v (B, T, nkv*hd); fused in generation
-        # by spin_kernels.packed_weights
+    def project(self, x):  # x (B, T, D) -> q (B, T, nh*hd), k, v; spin_kernels.packed_weights fuses them
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, attend, cache, pos):
@@ -321,10 +317,9 @@ class Transformer(nn.Module):
     def logits(self, h):  # (..., D) -> (..., V); spin_kernels.packed_weights runs it packed in generation
         return F.linear(h, self.lm_weight)
 
-    def forward(self, tokens, *, layout=None, mask=None, cache=None, targets=None, hidden=False):
+    def forward(self, tokens, *, layout=None, cache=None, targets=None, hidden=False):
         # tokens (B, T). How tokens see each other, one of:
         #   nothing: one sequence per row, positions 0..T-1, causal;
-        #   mask (B, T) bool, False at padding (left or right): a padded batch;
         #   layout (pos, doc, branch), each (B, T) long, built by data.pack: rows that pack several
         #     sequences. Token i sees token j iff j <= i, doc[j] == doc[i] and branch[j] is 0 or
         #     branch[i]: a prompt (branch 0) shared by its answers (branches 1, 2, ...), which never see
@@ -334,10 +329,6 @@ class Transformer(nn.Module):
         # after flattened position index[k] of the (B * T) rows, through the fused kernel, never the full
         # logits; with hidden=True, the final normed hidden states (B, T, D).
         B, T = tokens.shape
-        assert mask is None or cache is None, "a cached batch is right-padded: pass cache.pos, not a mask"
-        if mask is not None:  # a padded batch is a packed one: one document per row, padding is doc -1
-            mask = mask.long()
-            layout = ((mask.cumsum(-1) - 1).clamp(min=0), mask - 1, torch.zeros_like(mask))
         if cache is not None:
             pos = cache.pos[:, None] + torch.arange(T, device=tokens.device)   # (B, T)
         elif layout is not None:
@@ -474,8 +465,7 @@ def read_safetensors(path):
         file = os.path.join(path, name)
         try:
             with safe_open(file, framework="pt") as f:
-                for k in f.keys():
-                    state[k] = f.get_tensor(k)
+                state.update({k: f.get_tensor(k) for k in f.keys()})
         except Exception as e:  # truncated or corrupt: one line naming the file
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{file}: cannot read safetensors file ({msg})") from None
@@ -490,8 +480,7 @@ def write_checkpoint(path, cfg, state, max_shard_bytes=4 << 30):
     for k, v in state.items():
         nbytes = v.numel() * v.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
+            shards, size = shards + [{}], 0
         shards[-1][k], size = v, size + nbytes
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

@@ -53,9 +53,8 @@ class RunDir:
     def resume(self, iterations):
         # -> the first incomplete iteration. Its logs from an interrupted attempt are dropped (it runs
         # again), except its generate phase's when its answers were written (they are kept).
-        start = 0
-        while start < iterations and os.path.isfile(f"{self.path}/iter{start}/model/config.json"):
-            start += 1
+        start = next((t for t in range(iterations)
+                      if not os.path.isfile(f"{self.path}/iter{t}/model/config.json")), iterations)
         if self.rank0:
             generated = os.path.isfile(f"{self.path}/iter{start}/generated.jsonl")
             for name in ("metrics.jsonl", "eval.jsonl"):
@@ -89,14 +88,12 @@ class RunDir:
 
 
 def stop_rule(rows, cfg):
-    # rows: eval.jsonl; each complete iteration has one kept ("chosen") row. The run ends once `patience`
-    # iterations in a row failed to beat the best held-out nll_real so far (the start model's first) by
-    # stop_margin.
+    # rows: eval.jsonl, one kept ("chosen") row per complete iteration. Stop once `patience` iterations in a
+    # row fail to beat the best held-out nll_real so far (the start model's first) by stop_margin.
     best, bad = None, 0
     for t in sorted({r["iter"] for r in rows if r["chosen"]}):
-        its = {r["epoch"]: r["nll_real"] for r in rows if r["iter"] == t}
         kept = next(r["nll_real"] for r in rows if r["iter"] == t and r["chosen"])
-        best = its[0] if best is None else best
+        best = {r["epoch"]: r["nll_real"] for r in rows if r["iter"] == t}[0] if best is None else best
         best, bad = (kept, 0) if kept < best - cfg.stop_margin else (best, bad + 1)
     return cfg.select_epoch and bad >= cfg.patience
 
@@ -110,22 +107,17 @@ def report(rows, out):
               f"{r['gen_len']:6.1f}   {r['gen_unfinished']:.2f}   {acc}  {mar}{'  *' if r['chosen'] else ''}")
     print("(* = kept: the start of the next iteration)")
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: nothing global to switch, nothing left open
     except ImportError:
         return print("(pip install matplotlib for eval.png)")
     epochs = max(r["epoch"] for r in rows) or 1
-    keys = ["nll_real", "gap", "gen_len", "acc"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-    for ax, key in zip(axes, keys):
+    fig = Figure(figsize=(16, 3), layout="tight")
+    for ax, key in zip(fig.subplots(1, 4), ["nll_real", "gap", "gen_len", "acc"]):
         pts = [(r["iter"] + r["epoch"] / epochs, r[key], r["chosen"]) for r in rows if r[key] is not None]
         if pts:
             ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker=".", color="C0")
             ax.plot([x for x, _, c in pts if c], [y for _, y, c in pts if c], "*", color="C3", ms=12)
-        ax.set_title(key)
-        ax.set_xticks(range(max(r["iter"] for r in rows) + 2))
-        ax.set_xlabel("iteration (epochs between; * = kept)")
-    fig.tight_layout()
+        ax.set(title=key, xticks=range(max(r["iter"] for r in rows) + 2),
+               xlabel="iteration (epochs between; * = kept)")
     fig.savefig(f"{out}/eval.tmp.png")
     os.replace(f"{out}/eval.tmp.png", f"{out}/eval.png")

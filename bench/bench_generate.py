@@ -50,7 +50,7 @@ import transformers
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import workload  # noqa: E402  (bench/, the script's own folder)
 from data import Tokenizer  # noqa: E402
-from generate import fit, generate, lm_head, make_step, pool_size, span  # noqa: E402
+from generate import fit, generate, make_step, pool_size, span  # noqa: E402
 from model import KVCache, Transformer, compute_dtype  # noqa: E402
 from spin_kernels import packed_weights, speed_up  # noqa: E402
 from spin import load_data, parse_config  # noqa: E402
@@ -155,13 +155,13 @@ def step_against_gemms(model, S, L, compile, repeats=5):
             attn.o_proj(xs[attn.o_proj.in_features])
             mlp.gate_up(xs[mlp.gate_proj.in_features])
             mlp.down_proj(xs[mlp.down_proj.in_features])
-        lm_head(model, xs[cfg.hidden_size])
+        model.logits(xs[cfg.hidden_size]).float()
 
     def best(fn):
         fn()
         return min(timed(fn, dev)[0] for _ in range(repeats))
     head = getattr(model, "lm_head", None)
-    lins = [m for m in lins if m is not head]  # the head is lm_head's
+    lins = [m for m in lins if m is not head]  # the head is model.logits
     with torch.no_grad(), packed_weights(model, not compiled):
         t_step, t_gemm, t_one = best(step), best(gemms), best(step_of(1))
         with torch.profiler.profile() as prof:

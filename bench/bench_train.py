@@ -1,8 +1,9 @@
 # The train phase of one SPIN iteration (reference log-probs scored once, then --epochs of training), one
 # run, same machine, three ways:
 #   packed: spin.py as it is: each pair once as [prompt | real | generated], whole pairs packed per row;
-#   padded: the same loop with the layout it replaced: real and generated answers as two rows, each
-#           with its own copy of the prompt, right-padded to the longest row, 4 pairs per micro-batch;
+#   padded: spin.train's loop with the layout it replaced (the bench's own copy of the loop): real and
+#           generated answers as two rows, each with its own copy of the prompt, right-padded to the
+#           longest row, 4 pairs per micro-batch;
 #   trl:    TRL's DPOTrainer (the peer a user would pick), loss sigmoid, the same beta, lr, schedule and
 #           pairs, precompute_ref_log_probs=True (its fastest setting with a frozen reference), its other
 #           defaults (TRL 1.16: gradient checkpointing on, bf16 where the device has it).
@@ -103,14 +104,9 @@ def groups_for(a, tok, cfg, vocab):
     return groups, texts
 
 
-# ----- the padded layout spin.py used before packing, plugged into the same loop -----
+# ----- the padded layout spin.py used before packing, in spin.train's loop -----
 
-def padded_schedule(lengths, items, budget):
-    items = list(items)
-    return [items[k:k + 4] for k in range(0, len(items), 4)]  # 4 pairs per micro-batch
-
-
-def padded_group_logprobs(model, groups, idx, cfg):
+def padded_group_logprobs(model, groups, idx):
     seqs = [(groups[g][0], r) for g in idx for r in groups[g][1]]            # real, generated, real, ...
     T = max(len(p) + len(r) for p, r in seqs)
     tokens = torch.zeros((len(seqs), T), dtype=torch.long)  # pad id 0: never attended to nor trained on
@@ -120,11 +116,46 @@ def padded_group_logprobs(model, groups, idx, cfg):
         index += range(i * T + len(p) - 1, i * T + len(p) + len(r) - 1)
         ids += r
         owner += [i] * len(r)
-    dev = spin.device_of(model)
+    dev = next(model.parameters()).device
     logp = model(tokens.to(dev), targets=(torch.tensor(index, device=dev), torch.tensor(ids, device=dev)))
     A = len(groups[idx[0]][1])
-    sums = torch.zeros(len(seqs), device=dev).index_add(0, torch.tensor(owner, device=dev), logp)
-    return sums.view(-1, A), len(ids)
+    return torch.zeros(len(seqs), device=dev).index_add(0, torch.tensor(owner, device=dev), logp).view(-1, A)
+
+
+def quads(items):  # 4 pairs per micro-batch
+    return [items[k:k + 4] for k in range(0, len(items), 4)]
+
+
+@torch.no_grad()
+def padded_score(model, groups, cfg, desc):
+    return torch.cat([padded_group_logprobs(model, groups, idx).cpu() for idx in quads(range(len(groups)))])
+
+
+def padded_train(model, groups, ref, cfg, t, log, after_epoch):
+    # spin.train's loop (one process): its optimizer, schedule, order, loss and clipping; padded micro-batches
+    spin.reshard(model)  # scoring left the root gathered: the optimizer must hold the shards
+    n, B = len(groups), cfg.batch_size
+    steps = math.ceil(n / B)
+    total = cfg.epochs * steps
+    warm = math.ceil(cfg.warmup_ratio * total)
+    opt = torch.optim.AdamW(model.parameters(), lr=per(cfg.lr), weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: spin.linear_schedule(s, total, warm))
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + t * 100 + epoch))
+        for s in range(steps):
+            batch, loss_sum = order[s * B:(s + 1) * B].tolist(), 0.0
+            for idx in quads(batch):
+                logp = padded_group_logprobs(model, groups, idx)
+                r = ref[idx].to(logp.device)
+                loss, _, _ = spin.spin_loss(logp[:, 0], logp[:, 1], r[:, 0], r[:, 1], per(cfg.beta), cfg.loss)
+                (loss.sum() / len(batch)).backward()
+                loss_sum += loss.detach().sum()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            log({"loss": float(loss_sum) / len(batch)})
+        after_epoch(epoch + 1)
 
 
 # ----- one run, in its own process -----
@@ -150,8 +181,6 @@ def spin_model(a, cfg, model_path, dev):
     import torch.distributed as dist
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)
-    if a.way == "padded":
-        spin.schedule, spin.group_logprobs = padded_schedule, padded_group_logprobs
     model = (workload.random_model(a.shape, dev) if model_path is None else
              Transformer.from_pretrained(model_path, dtype=torch.float32))
     model = speed_up(spin.shard(model, 1, dev, compute_dtype(dev, cfg.compute_dtype)))  # as spin.load_model
@@ -161,13 +190,14 @@ def spin_model(a, cfg, model_path, dev):
 
 def run_spin(a, groups, cfg, model_path, dev):
     model = spin_model(a, cfg, model_path, dev)
+    score, train = (padded_score, padded_train) if a.way == "padded" else (spin.score, spin.train)
     base, warm, B = rss(), 0.0, cfg.batch_size
     if dev.type == "cuda" and not a.fit:  # one step outside the timing: FlexAttention's compile, first calls
         t = time.perf_counter()
-        ref = spin.score(model, groups[:B], cfg, "warm-up score")
+        ref = score(model, groups[:B], cfg, "warm-up score")
         model.train()
-        spin.train(model, groups[:B], ref, dataclasses.replace(cfg, epochs=1), 0, lambda row: None,
-                   lambda epoch: None)
+        train(model, groups[:B], ref, dataclasses.replace(cfg, epochs=1), 0, lambda row: None,
+              lambda epoch: None)
         sync()
         warm = time.perf_counter() - t
         torch.cuda.empty_cache()  # the reserved peak starts from what the timed run holds
@@ -175,11 +205,11 @@ def run_spin(a, groups, cfg, model_path, dev):
     losses = []
     t0 = time.perf_counter()
     # --fit: the no-grad scoring (less memory than training, a compile of its own) is left out
-    ref = torch.zeros(len(groups), 2) if a.fit else spin.score(model, groups, cfg, "score")
+    ref = torch.zeros(len(groups), 2) if a.fit else score(model, groups, cfg, "score")
     sync()
     t1 = time.perf_counter()
     model.train()
-    spin.train(model, groups, ref, cfg, 0, lambda row: losses.append(row["loss"]), lambda epoch: None)
+    train(model, groups, ref, cfg, 0, lambda row: losses.append(row["loss"]), lambda epoch: None)
     sync()
     t2 = time.perf_counter()
     return {"score_s": t1 - t0, "train_s": t2 - t1, "warmup_s": warm, "first_loss": losses[0],

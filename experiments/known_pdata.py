@@ -67,7 +67,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import redirect_stderr
 from dataclasses import dataclass, fields
 from functools import partial
 from types import SimpleNamespace
@@ -559,19 +559,9 @@ def setup():
         spin.setup_distributed()   # a group of one (gloo, HashStore), as `python spin.py` runs
 
 
-@contextmanager
-def quiet_bars():  # the phases' progress bars off: here the tables are the output
-    bars = spin.tqdm
-    spin.tqdm = lambda *args, **kwargs: bars(*args, **{**kwargs, "disable": True})
-    try:
-        yield
-    finally:
-        spin.tqdm = bars
-
-
 def job(s, seed, width):
     setup()
-    with quiet_bars():
+    with open(os.devnull, "w") as null, redirect_stderr(null):  # no progress bars: the tables are the output
         return run_job(s, seed, width, say=partial(print, flush=True))
 
 

@@ -1,28 +1,22 @@
-# Hardware-specific speed, each path beside its plain twin.
-# Fused log-probabilities of target tokens: log_softmax(hidden @ weight.T)[i, targets[i]] without the
-# (N, V) logits. Two implementations with one signature: Triton (logprobs.py) and its PyTorch twin
-# (logprobs_torch.py). Which one runs is decided once, here, by what the machine has.
-# Applied to a model from outside, each in place of a plain path with the same maths: use_fast_attention
-# (attention.py: FlexAttention block masks, CPU tiles, the decode step), use_fast_norm (norm.py: RMSNorm
-# with its own backward) and, once FSDP2 has sharded it over one CPU process, use_one_process_reduce
-# (reduce.py); speed_up(model) applies them all. For a generation phase on a CPU, `with
-# packed_weights(model):` (packed.py: weights in oneDNN's layout, fused products). What the machine is
-# (bf16 units, free memory, default sizes): machine.py.
-import os
+# Hardware-specific speed, each path beside its plain twin (same maths); machine.py: what the machine is.
+# speed_up(model): use_fast_attention (attention.py), use_fast_norm (norm.py) and, once FSDP2 has sharded
+# the model over one CPU process, use_one_process_reduce (reduce.py); `with packed_weights(model):` around a
+# CPU generation (packed.py). fused_logprobs: log_softmax(hidden @ weight.T)[i, targets[i]] without the
+# (N, V) logits, by Triton (logprobs.py) or its PyTorch twin (logprobs_torch.py), as the machine allows.
+__all__ = ["fused_logprobs", "packed_weights", "speed_up"]
 
 import torch
 
 from . import logprobs_torch
 from .attention import use_fast_attention
-from .machine import (free_memory, has_bf16_units, mark_static, max_pool, padded_length,  # noqa: F401
-                      row_tokens)
 from .norm import use_fast_norm
-from .packed import packed_weights  # noqa: F401
+from .packed import packed_weights
 from .reduce import use_one_process_reduce
 
 
 def speed_up(model):
     return use_one_process_reduce(use_fast_norm(use_fast_attention(model)))
+
 
 try:
     from . import logprobs as logprobs_triton
@@ -31,7 +25,7 @@ except ImportError:  # no triton installed: CPU-only machines still get the twin
 
 # Triton runs on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1, read at import).
 TRITON_CUDA = logprobs_triton is not None and torch.cuda.is_available()
-TRITON_INTERPRET = logprobs_triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_INTERPRET = logprobs_triton is not None and logprobs_triton.INTERPRET
 
 
 class _FusedLogprobs(torch.autograd.Function):
@@ -51,9 +45,8 @@ class _FusedLogprobs(torch.autograd.Function):
 
 
 def fused_logprobs(hidden, weight, targets, *, ignore_index=-100, impl=None, **kw):
-    # hidden (N, D) any float dtype, weight (V, D), targets (N,) int -> (N,) fp32 log-probs, 0 where ignored.
-    # kw: tile sizes for the chosen impl (block_n/block_v/block_d/splits/group/chunk or token_chunk/
-    # vocab_chunk).
+    # hidden (N, D) any float dtype, weight (V, D), targets (N,) int -> (N,) fp32 log-probs, 0 where ignored;
+    # kw: the chosen impl's tile sizes (block_n/block_v/block_d/splits/group/chunk or token_chunk/vocab_chunk)
     if impl is None:
         impl = "triton" if TRITON_INTERPRET or (TRITON_CUDA and hidden.is_cuda) else "torch"
     mod = {"triton": logprobs_triton, "torch": logprobs_torch}[impl]

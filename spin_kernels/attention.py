@@ -1,12 +1,11 @@
 # Fast attention for the model's layouts, applied from outside: `use_fast_attention(model)` replaces the
 # model's plan (model.plain_attention: SDPA with a dense mask from the layout's rule) by `fast_attention`,
-# same signature, same maths. What it does instead, by layout:
+# same signature, same maths (figures: docs/benchmarks.md). What it does instead, by layout:
 #   packed rows on CUDA: FlexAttention with a BlockMask built from the rows' spans (only the blocks that
 #     hold visible pairs are computed; no T x T mask, no compile to build it);
 #   packed rows elsewhere: tiles, each document (or answer) attended on its own, no work across pairs;
 #   one decoded token a row: two batched matmuls (SDPA's CPU kernel is slow on one-token queries);
 #   on a CPU in bf16, attention over at most CPU_FP32_KEYS keys in fp32 (its bf16 kernel is slower there).
-# Measured figures: docs/benchmarks.md.
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -25,9 +24,8 @@ def fast_attention(tokens, layout, window, rule, cache, pos, flex=None):
     # visibility (None: plain causal), cache a KVCache and pos (B, T) when decoding -> attend(q, k, v).
     # flex: FlexAttention for packed rows (None: on CUDA only; eager FlexAttention elsewhere is slow).
     if cache is not None:
-        mask = cache.mask(pos, window)
-        return (lambda q, k, v: decode(q, k, v, mask)) if tokens.shape[1] == 1 else \
-            (lambda q, k, v: sdpa(q, k, v, mask))
+        mask, attend = cache.mask(pos, window), (decode if tokens.shape[1] == 1 else sdpa)
+        return lambda q, k, v: attend(q, k, v, mask)
     if rule is None:
         return lambda q, k, v: sdpa(q, k, v, None)
     if flex if flex is not None else tokens.is_cuda:
@@ -39,8 +37,7 @@ def fast_attention(tokens, layout, window, rule, cache, pos, flex=None):
 
 def sdpa(q, k, v, mask):
     # q (B, nh, T, hd), k, v (B, nkv, S, hd), mask None (causal) or bool (.., T, S) -> (B, nh, T, hd). On a
-    # CPU the bf16 flash kernel is slower than the fp32 one on short tiles (a packed row's tiles mostly
-    # are): up to CPU_FP32_KEYS keys, q, k, v go to fp32 and the output comes back.
+    # CPU, up to CPU_FP32_KEYS keys go in fp32: bf16 is slower on short tiles (as a packed row's mostly are).
     up = q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= CPU_FP32_KEYS
     y = F.scaled_dot_product_attention(*((t.float() for t in (q, k, v)) if up else (q, k, v)), attn_mask=mask,
                                        is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1])
@@ -48,9 +45,8 @@ def sdpa(q, k, v, mask):
 
 
 def decode(q, k, v, mask):
-    # One query token a row: q (B, nh, 1, hd), k, v (B, nkv, S, hd), mask (B, 1, 1, S) -> (B, nh, 1, hd).
-    # Two batched matmuls, each group of query heads on its own key/value head; as transformers' eager
-    # attention: scores in the compute dtype, softmax in fp32.
+    # q (B, nh, 1, hd), k, v (B, nkv, S, hd), mask (B, 1, 1, S) -> (B, nh, 1, hd), each group of query heads
+    # on its key/value head; as transformers' eager attention: scores in the compute dtype, softmax in fp32.
     (B, nh, _, hd), nkv = q.shape, k.shape[1]
     k, v = k.contiguous(), v.contiguous()  # no-ops on the sampler's cache; a bf16 bmm on a view is slow
     s = (q.view(B, nkv, nh // nkv, hd) * hd ** -0.5) @ k.transpose(-1, -2)                # (B, nkv, G, S)
@@ -102,14 +98,13 @@ def tiled(q, k, v, pieces):
 
 
 def block_mask(layout, rule, window=None, block=128):
-    # The packed layout's FlexAttention BlockMask, built from its spans in a few vectorised ops: no
-    # per-shape compile (create_block_mask compiles a kernel for every row length) and no T x T work.
-    # A layout as data.pack and forward make it: each document one contiguous span, its prompt
-    # (branch 0, positions 0..P-1) first, then each answer contiguous (positions from P on), padding doc
-    # -1. So a query sees at most two runs of keys: its own segment up to itself (a prompt token: the
-    # prompt so far; an answer token: its answer so far), and for an answer token the whole prompt; a
-    # window cuts the start of both. Counting, per query and key block, the keys in those runs says per
-    # block pair: none, some (partial: the rule decides per pair) or all (full: computed unmasked).
+    # The packed layout's FlexAttention BlockMask, built from its spans in a few vectorised ops: no per-shape
+    # compile (create_block_mask compiles a kernel for every row length) and no T x T work. The layout of
+    # data.pack and forward: each document one contiguous span, its prompt (branch 0, positions 0..P-1) first,
+    # then each answer contiguous (positions from P on), padding doc -1. So a query sees at most two runs of
+    # keys: its own segment up to itself (the prompt or its answer so far), and for an answer token the whole
+    # prompt; a window cuts the start of both. Counting, per query and key block, the keys in those runs says
+    # per block pair: none, some (partial: the rule decides per pair) or all (full: computed unmasked).
     pos, doc, branch = layout                                                    # (B, T) each
     (B, T), dev = doc.shape, doc.device
     idx = torch.arange(T, device=dev).expand(B, T)

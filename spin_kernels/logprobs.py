@@ -10,8 +10,7 @@ import triton.language as tl
 
 from . import logprobs_torch
 
-# Triton reads TRITON_INTERPRET when @triton.jit runs (at import), so we read it at the same moment.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read at import, as @triton.jit reads it there
 
 
 @triton.jit
@@ -32,10 +31,9 @@ def _logits(h_ptr, w_ptr, rows, cols, N, V, D, DOT: tl.constexpr,
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, zt_ptr, N, V, D, v_per_split, DOT: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program = one row block x one split of the vocabulary. It walks its split BLOCK_V columns at a
-    # time keeping a running max m and a running sum s of exp(z - m) (online log-sum-exp), then writes its
-    # partial lse and the target logit (0 unless the target falls in its split). Splits exist to give the
-    # GPU enough programs when N is small; the launcher combines them.
+    # One program per row block and vocabulary split: it walks the split BLOCK_V columns at a time with an
+    # online log-sum-exp (running max m, running sum s of exp(z - m)) and writes its partial lse and target
+    # logit (0 unless the target is in its split). Splits give the GPU enough programs when N is small.
     split = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     tgt = tl.load(t_ptr + rows, rows < N, -1)
@@ -80,9 +78,8 @@ def _dz_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, g_ptr, dz_ptr, N, V, D, c0, cv, DOT
 
 
 def _dot_dtype(hidden):
-    # On the GPU, tl.dot takes bf16/fp16 operands as stored (tensor cores multiply them exactly and sum in
-    # fp32). fp32 inputs stay fp32. The interpreter's 16-bit maths is wrong, so there we upcast right after
-    # tl.load; it computes the same numbers, as the 16-bit values are exact in fp32.
+    # tl.dot takes bf16/fp16 as stored on the GPU (tensor cores multiply exactly, sum in fp32), fp32 as fp32.
+    # The interpreter's 16-bit maths is wrong: it gets fp32, upcast at tl.load (exact, so the same numbers).
     if INTERPRET or hidden.dtype == torch.float32:
         return tl.float32
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[hidden.dtype]
@@ -98,9 +95,8 @@ def _blocks(hidden, block_n, block_v, block_d):
 
 def _plan(hidden, V, block_n, block_v, block_d, splits):
     # tile sizes, and the forward's vocabulary split: v_split columns (a multiple of BLOCK_V) per program
-    N = hidden.shape[0]
     bn, bv, bd = _blocks(hidden, block_n, block_v, block_d)
-    row_blocks, v_blocks = triton.cdiv(N, bn), triton.cdiv(V, bv)
+    row_blocks, v_blocks = triton.cdiv(hidden.shape[0], bn), triton.cdiv(V, bv)
     if splits is None:  # enough programs for ~4 waves on the GPU; 1 in the interpreter
         sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 0
         splits = max(1, min(v_blocks, triton.cdiv(4 * sms, row_blocks)))
@@ -123,8 +119,7 @@ def forward(hidden, weight, targets, ignore_index=-100, *, block_n=None, block_v
     return torch.where(targets == ignore_index, 0.0, part_zt.sum(0) - lse), lse
 
 
-# dz chunks of 128 MiB: 16k vocabulary columns for 4096 bf16 rows, 4% of the (N, V) logits' 3 GiB at Llama 3
-DZ_BYTES = 2 ** 27
+DZ_BYTES = 2 ** 27  # 128 MiB dz chunks: 16k vocab columns of 4096 bf16 rows, 4% of Llama 3's 3 GiB logits
 
 
 def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True, *, block_n=None,
@@ -150,8 +145,7 @@ def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True
         _dz_kernel[(triton.cdiv(N, bn) * triton.cdiv(cv, bv),)](
             hidden, weight, targets, lse, g, d, N, V, D, c0, cv, _dot_dtype(hidden), group, bn, bv, bd,
             num_warps=num_warps, num_stages=num_stages)
-        w = weight[c0:c0 + cv]
-        logprobs_torch.addmm(dh, d, w)
+        logprobs_torch.addmm(dh, d, weight[c0:c0 + cv])
         if need_dw:
             torch.mm(d.T, hidden, out=dw[c0:c0 + cv])
     return dh.to(hidden.dtype), dw

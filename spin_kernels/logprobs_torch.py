@@ -21,14 +21,13 @@ def tile(buf, rows, cols):  # the front of a reused flat buffer as a (rows, cols
 
 
 def _logits(bufs, h, w, bias=None):
-    # (n, v) fp32 tile of h @ w.T (+ bias) in the front of the reused fp32 buffer. fp32 operands: written
-    # in place. 16-bit operands: the GEMM multiplies them exactly and sums in fp32, but a CPU GEMM rounds its
-    # output to 16 bits (there is no fp32-output bf16 GEMM on CPU): an error of u |z| (u = 2^-8 for bf16).
-    # bias (n, 1), added inside the GEMM before that rounding, is minus a 16-bit number near the row's top
-    # logits, which makes the error u |z + bias|: small on exactly the logits that carry probability.
-    # Then one (n, v) upcast pass, instead of upcasting the (v, D) weight tile before the GEMM.
-    # CUDA has fp32-output GEMMs for 16-bit operands (mm32): no 16-bit rounding at all there. (Its bf16
-    # addmm was 0.63 off at a logit of ~128, more than one rounding: the bias added after rounding.)
+    # (n, v) fp32 tile of h @ w.T (+ bias) in the front of the reused fp32 buffer (fp32 operands: in place).
+    # 16-bit operands: the GEMM multiplies them exactly and sums in fp32, but on a CPU rounds its output to
+    # 16 bits (no fp32-output bf16 GEMM there): an error of u |z| (u = 2^-8 for bf16). bias (n, 1), added
+    # inside the GEMM before that rounding, is minus a 16-bit number near the row's top logits, making the
+    # error u |z + bias|: small on exactly the logits that carry probability. Then one (n, v) upcast pass,
+    # instead of upcasting the (v, D) weight tile. CUDA has fp32-output 16-bit GEMMs (mm32): no 16-bit
+    # rounding (its bf16 addmm was 0.63 off at a logit of ~128, over one rounding: the bias added after it).
     n, v = h.shape[0], w.shape[0]
     if h.is_cuda and h.dtype != torch.float32:
         z = mm32(h, w.T)
@@ -126,5 +125,4 @@ def backward(hidden, weight, targets, lse, grad, ignore_index=-100, need_dw=True
                 a.index_add_(0, t[hit], gh[rows][hit])
         if need_dw:
             dw[j:j + vocab_chunk] = a  # written once, in the weight's dtype
-    dh = weight[safe].float().sub_(pw).mul_(g)
-    return dh.to(hidden.dtype), dw
+    return weight[safe].float().sub_(pw).mul_(g).to(hidden.dtype), dw

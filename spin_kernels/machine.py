@@ -1,8 +1,7 @@
-# What the machine is and the sizes that suit it, asked in one place by the plain code: whether it has bf16
-# units (model.compute_dtype), its free memory and the most rows worth decoding together
-# (generate.pool_size), the tokens of a packed training row (spin.token_budget, spin.group_logprobs).
-# Also the private torch APIs the plain code needs (a CPU's bf16 units, a compiled step's static
-# addresses): tests/test_kernels.py names each one and fails with a clear message when a release changes it.
+# What the machine is and the sizes that suit it, asked in one place by the plain code: its bf16 units
+# (model.compute_dtype), free memory and the most rows to decode together (generate.pool_size), the tokens of
+# a packed training row (spin.token_budget, spin.group_logprobs). Also the private torch APIs for a CPU's bf16
+# units and a compiled step's static addresses: tests/test_kernels.py fails by name if a release changes one.
 import os
 
 import torch
@@ -21,8 +20,7 @@ def has_bf16_units(device):
 
 
 def free_memory(device):  # bytes the device has free (a CPU: the RAM)
-    device = torch.device(device)
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 

@@ -45,6 +45,5 @@ class _RMSNorm(torch.autograd.Function):
         dw = (gy * n).flatten(0, -2).sum(0)                           # (D,) as autograd: product in x's dtype
         dn = (gy * w).float()                                          # (..., D) fp32
         xh = x.to(torch.float32, copy=True).mul_(r)                    # x / rms(x)
-        # dx = r * (dn - xh * mean(dn * xh)), in place on xh
-        m = torch.linalg.vecdot(dn, xh)[..., None] / x.shape[-1]
+        m = torch.linalg.vecdot(dn, xh)[..., None] / x.shape[-1]  # mean(dn * xh): dx = r * (dn - xh * m)
         return xh.mul_(m).neg_().add_(dn).mul_(r).to(x.dtype), dw, None

@@ -18,9 +18,7 @@ from .machine import CPU_POOL
 
 
 def bf16_packing_available():
-    # oneDNN's private ops this needs (torch.ops.mkldnn): tests/test_generate.py fails with a clear message
-    # if a torch release renames them
-    ops = torch.ops.mkldnn
+    ops = torch.ops.mkldnn  # private ops: tests/test_generate.py fails clearly if a torch release renames one
     names = ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported")
     return (torch.backends.mkldnn.is_available() and all(hasattr(ops, op) for op in names)
             and ops._is_mkldnn_bf16_supported())
@@ -49,9 +47,8 @@ def packed_weights(model, enabled=True):
             elif isinstance(m, MLP):
                 swaps += [(m, "gate_up", product(m.gate_proj, m.up_proj)),
                           (m.down_proj, "forward", product(m.down_proj))]
-        head = pack(w)
-        swaps.append((model, "logits", lambda h: torch.ops.mkldnn._linear_pointwise(h, head, None, "none", [],
-                                                                                     "")))
+        head, linear = pack(w), torch.ops.mkldnn._linear_pointwise
+        swaps.append((model, "logits", lambda h: linear(h, head, None, "none", [], "")))
     elif enabled and w.device.type == "cpu":
         swaps.append((model, "logits", lambda h: (model.lm_weight @ h.T).T.contiguous()))
     try:

@@ -13,7 +13,7 @@ NH, NKV, HD = 4, 2, 8
 
 def layouts():
     # (name, tokens, layout, window): packed rows as spin.py makes them (ragged, padded, several groups a
-    # row), a left-padded batch as forward's mask= makes it, one row longer than a window, plain rows
+    # row), a left-padded batch, one row longer than a window, plain rows
     g = torch.Generator().manual_seed(3)
     rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
     gs = [([1] * rand(1, 12), [[2] * rand(0, 15), [3] * rand(1, 9)]) for _ in range(7)]

@@ -11,7 +11,8 @@ import torch
 from generate import (MEMORY_SHARE, filter_logits, from_generation_config, generate,
                       penalize, pool_size, prompt_keys, sample, span, uniforms)
 from model import Transformer
-from spin_kernels import max_pool, packed_weights, speed_up
+from spin_kernels import packed_weights, speed_up
+from spin_kernels.machine import max_pool
 from spin_kernels.packed import bf16_packing_available
 
 LENGTHS = [1, 7, 30, 13, 2, 21, 16, 4]  # ragged, 1 to 30 tokens

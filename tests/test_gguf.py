@@ -2,7 +2,6 @@
 against transformers' GGUF loader on the real SmolLM2-135M-Instruct file."""
 import importlib.util
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -113,26 +112,13 @@ def test_quantized_round_trip_matches_gguf_dequantize(tmp_path):
             assert 0 < err.max() < np.abs(x).max() / 7 + 1e-6
 
 
-def test_llama3_rope_scaling_matches_transformers(tmp_path):
-    from transformers import LlamaConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    # rope_freqs as convert_hf_to_gguf writes it for a llama3-type config (factor 8, low 1, high 16,
-    # original context 2048), which GGUF records nowhere else.
-    factor, low, high, old = 8.0, 1.0, 16.0, 2048
-    inv = 1.0 / 10000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
-    divisors = []
-    for wavelen in 2 * math.pi / inv:
-        smooth = (old / wavelen - low) / (high - low)
-        divisors.append(1 if wavelen < old / high else factor if wavelen > old / low
-                        else 1 / ((1 - smooth) / factor + smooth))
-    divisors = np.array(divisors)
-    assert ((divisors > 1) & (divisors < factor)).sum() >= 2  # the band the loader fits
-    config, _ = load_gguf_model(write_model(tmp_path / "r.gguf", hf_weights(), {}, rope_freqs=divisors))
-    assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_scaling"]["factor"] == factor
-    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**config), "cpu")
-    torch.testing.assert_close(hf_inv.double(), torch.from_numpy(inv / divisors), rtol=1e-5, atol=0)
-    with pytest.raises(ValueError, match="not a llama3-type"):  # divisors that no llama3 config makes
-        load_gguf_model(write_model(tmp_path / "r2.gguf", hf_weights(), {}, rope_freqs=divisors[::-1]))
+def test_llama3_rope_scaling_is_refused(tmp_path):
+    # Llama 3.1's rope scaling survives in GGUF only as per-frequency divisors (rope_freqs.weight): refused
+    # with a one-line error naming the file, never loaded with plain RoPE.
+    divisors = np.linspace(1.0, 8.0, HEAD_DIM // 2)
+    path = write_model(tmp_path / "r.gguf", hf_weights(), {}, rope_freqs=divisors)
+    with raises_naming(path, "rope_freqs.weight .* is not supported"):
+        load_gguf_model(path)
 
 
 def raises_naming(path, match):

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import spin_kernels
-from spin_kernels import fused_logprobs, has_bf16_units, logprobs_torch
+from spin_kernels import fused_logprobs, logprobs_torch
+from spin_kernels.machine import has_bf16_units
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

@@ -30,8 +30,7 @@ def test_known_pdata_mechanics(monkeypatch):
 
     s = kp.parse_settings(TINY)
     kp.setup()
-    with kp.quiet_bars():
-        r = kp.run_job(s, s.seeds[0], s.student_widths[0], say=lambda *a: None)
+    r = kp.run_job(s, s.seeds[0], s.student_widths[0], say=lambda *a: None)
     assert r["teacher_self_logprob_err"] < 1e-3, r["teacher_self_logprob_err"]
     assert r["base"]["kl"] < r["sft_start_kl"]  # SFT learned something: the KL measures the student
     assert [(a["lr"], a["beta"], a["epochs"]) for a in r["arms"]] == [(1e-4, 0.1, 2), (1e-3, 1.0, 1)]

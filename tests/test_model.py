@@ -54,8 +54,14 @@ def test_bf16_close_to_transformers(checkpoints, kind):
     assert (a - b).abs().max().item() <= 0.02 * b.abs().max().item()
 
 
+def padded(mask):
+    # a padded batch as a packed layout: one document per row, padding (mask False) is doc -1
+    m = mask.long()
+    return (m.cumsum(-1) - 1).clamp(min=0), m - 1, torch.zeros_like(m)
+
+
 @pytest.mark.parametrize("kind", ["mistral", "qwen3"])
-def test_padding_mask_left_and_right(checkpoints, kind):
+def test_padding_left_and_right(checkpoints, kind):
     # A padded row must give the same logits as the row alone, padded on either side.
     path, _ = checkpoints[kind]
     ours = Transformer.from_pretrained(path)
@@ -63,12 +69,11 @@ def test_padding_mask_left_and_right(checkpoints, kind):
     with torch.no_grad():
         alone = ours(x)[0]
         right = torch.cat([x, torch.zeros(1, pad, dtype=torch.long)], 1)
-        mask_r = torch.arange(n + pad)[None] < n
         left = torch.cat([torch.zeros(1, pad, dtype=torch.long), x], 1)
-        out_r = ours(right, mask=mask_r)[0, :n]
-        out_l = ours(left, mask=~(torch.arange(n + pad)[None] < pad))[0, pad:]
-    assert (out_r - alone).abs().max() < 1e-4 and (out_l - alone).abs().max() < 1e-4
-    assert torch.isfinite(ours(left, mask=~(torch.arange(n + pad)[None] < pad))).all()
+        out_r = ours(right, layout=padded(torch.arange(n + pad)[None] < n))[0, :n]
+        out_l = ours(left, layout=padded(torch.arange(n + pad)[None] >= pad))
+    assert (out_r - alone).abs().max() < 1e-4 and (out_l[0, pad:] - alone).abs().max() < 1e-4
+    assert torch.isfinite(out_l).all()
 
 
 def test_hidden_and_target_logprobs(checkpoints):

@@ -158,7 +158,7 @@ def dense_blocks(layout, window, block):
 
 def layouts():
     # packed rows (ragged, padded, several groups a row, empty-prompt-free), as spin.py makes them;
-    # a left-padded batch as forward's mask= makes it; one long sequence (a window without a layout)
+    # a left-padded batch; one long sequence (a window without a layout)
     g = torch.Generator().manual_seed(3)
     rand = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
     gs = [([1] * rand(1, 30), [[2] * rand(0, 40), [3] * rand(1, 25)]) for _ in range(12)]

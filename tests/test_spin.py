@@ -50,6 +50,9 @@ def test_config_overrides_and_lists():
         parse_config(["--model=m", "--data=d", "--nope=1"])
     with pytest.raises(SystemExit, match="cannot read"):
         parse_config(["--model=m", "--data=d", "--epochs=two"])
+    for flag in ("loss", "optimizer", "cut_samples", "compute_dtype", "save_dtype"):  # before any work
+        with pytest.raises(SystemExit, match=f"--{flag} must be .* \\(got 'x'\\)"):
+            parse_config(["--model=m", "--data=d", f"--{flag}=x"])
     r = run([sys.executable, "spin.py", "--help"])
     assert r.returncode == 0 and "max_new_tokens: int = 256" in r.stdout
 
