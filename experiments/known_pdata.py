@@ -183,9 +183,10 @@ def sample_pairs(teacher, s, n, seed, use, k=1):
 
 
 def sharded_student(s, width, seed, weights=None):
-    # A student as spin.py trains a model: FSDP2 over this process's group (of one), fp32 throughout.
-    model = spin.shard(random_model(s, width, s.student_layers, seed), dist.get_world_size(),
-                       torch.device("cpu"), torch.float32)
+    # A student as spin.py trains a model (spin.load_model): FSDP2 over this process's group (of one), fp32
+    # throughout, then the machine's speed paths (the one-process reduce needs the sharded model)
+    model = speed_up(spin.shard(random_model(s, width, s.student_layers, seed), dist.get_world_size(),
+                                torch.device("cpu"), torch.float32))
     if weights is not None:
         spin.restore(model, weights)
     return model.eval()
