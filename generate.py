@@ -69,9 +69,10 @@ def penalize(logits, seen, penalty):
 
 
 def running_sum(x, chunk=32):
-    # x (B, V) >= 0 -> its cumulative sums along V (B, V). Compiled: two scans, within chunks of 32, then
-    # over the chunks' totals, since Inductor (torch 2.11) crashes generating CUDA code for a long scan of
-    # a value computed per row, as (logits - top).exp() is (pytorch#180369; tested on a CPU's Triton code).
+    # x (B, V) >= 0 -> its cumulative sums along V (B, V). Compiled: two scans, within chunks of 32 (never
+    # split), then over the chunks' totals (a plain buffer), since Inductor (torch 2.11) crashes generating
+    # CUDA code for a long scan of a value computed per row, as (logits - top).exp() is (pytorch#180369;
+    # tested on the step's Triton code, generated on a CPU). Eager: one pass over (B, V), not three.
     if not torch.compiler.is_compiling():
         return x.cumsum(-1)
     B, V = x.shape
@@ -256,9 +257,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_p=1.0, top_
     keys = prompt_keys(prompts, seed, seeds)                                              # (P, 2)
     toks, lps = [[] for _ in prompts], [[] for _ in prompts]
     if prompts and max_new_tokens > 0:
-        sampling = (temperature, top_k, top_p, min_p, repetition_penalty)
-        run_pool(model, prompts, keys, max_new_tokens, sampling, set(stop_ids), pool, refill, compile,
-                 prefill_tokens, on_token, progress, toks, lps)
+        run_pool(model, prompts, keys, max_new_tokens, (temperature, top_k, top_p, min_p, repetition_penalty),
+                 set(stop_ids), pool, refill, compile, prefill_tokens, on_token, progress, toks, lps)
     return [(t, lp) for t, lp in zip(toks, lps)] if return_logprobs else toks
 
 

@@ -46,7 +46,7 @@ class Config:
                                     # reference's scripts: 6, an epoch chosen among them: --select_epoch)
     batch_size: int = 8             # pairs per optimizer step, over all processes (the paper: 64)
     micro_batch_tokens: int = 0     # tokens per forward per process (pairs packed, prompt shared; a step
-                                    # runs as many as its pairs need); 0 = the device's (row_tokens)
+                                    # runs as many as its pairs need); 0 = the device's (machine.row_tokens)
     lr: tuple = (5e-7, 5e-7, 1e-7)  # learning rate per iteration (the last repeats): the paper's 5e-7, 1e-7
     beta: tuple = (0.1,)            # SPIN's beta per iteration (the last repeats)
     loss: str = "sigmoid"           # "sigmoid" (-log sigmoid(margin)) or "hinge" (max(0, 1 - margin))

@@ -105,7 +105,7 @@ def test_missing_tokenizer_file(tmp_path):
 # Qwen3's chat template, transcribed from its checkpoints' tokenizer_config.json (Qwen3-8B).
 QWEN3 = open(os.path.join(os.path.dirname(__file__), "qwen3_chat_template.jinja")).read().rstrip("\n")
 # transformers passes enable_thinking=False into the template; here the same switch is a template that
-# sets it (what --chat_template FILE takes): Tokenizer.render passes no extra template variables.
+# sets it (what --chat_template FILE takes): Tokenizer.apply_chat_template passes no extra template variables.
 NO_THINKING = "{%- set enable_thinking = false %}\n" + QWEN3
 QWEN3_CHATS = CHATS + [
     # earlier answers with reasoning: the template drops it before the last query, keeps it after
