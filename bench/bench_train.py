@@ -263,17 +263,16 @@ def run_trl(a, texts, tok, cfg, model_path, dev):
               disable_tqdm=True)
     args = DPOConfig(**{**kw, **trl_overrides(a.trl_flags)})
     precompute = []  # DPOTrainer(...) computes the reference log-probs: timed here, counted with training
-    plain = DPOTrainer._precompute_ref_logps
 
-    def timed(self, *args, **kwargs):
-        t = time.perf_counter()
-        out = plain(self, *args, **kwargs)
-        sync()
-        precompute.append(time.perf_counter() - t)
-        return out
-    DPOTrainer._precompute_ref_logps = timed
+    class Timed(DPOTrainer):  # TRL's trainer, its reference precompute timed (a subclass: nothing patched)
+        def _precompute_ref_logps(self, *args, **kwargs):
+            t = time.perf_counter()
+            out = super()._precompute_ref_logps(*args, **kwargs)
+            sync()
+            precompute.append(time.perf_counter() - t)
+            return out
     base = rss()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=hf_tok)
+    trainer = Timed(model=model, args=args, train_dataset=data, processing_class=hf_tok)
     trainer.remove_callback(transformers.PrinterCallback)  # its per-step log lines on our stdout
     sync()
     t = time.perf_counter()
