@@ -152,7 +152,7 @@ def random_model(s, width, layers, seed, gain=1.0, stop_gain=1.0):
                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
                  rms_norm_eps=1e-5, max_position_embeddings=64)
     torch.manual_seed(seed)
-    model = speed_up(Transformer(cfg))
+    model = Transformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -381,7 +381,8 @@ def spin_config(s, seed, lr=0.0, beta=0.1, epochs=2):
 
 def run_job(s, seed, width, say=print):
     t0, cfg = time.time(), spin_config(s, seed)
-    teacher = random_model(s, s.teacher_width, s.teacher_layers, seed, s.teacher_gain, s.stop_gain).eval()
+    teacher = random_model(s, s.teacher_width, s.teacher_layers, seed, s.teacher_gain, s.stop_gain)
+    teacher = speed_up(teacher).eval()  # the machine's speed paths, as every model here
     train, val, test = (sample_pairs(teacher, s, n, seed, use, k) for use, n, k in (
         (TRAIN, s.num_train, s.answers_per_prompt), (VAL, s.num_val, 1), (TEST, s.num_test, 1)))
     w = SimpleNamespace(teacher=teacher, train=train, val=val, test=test)
